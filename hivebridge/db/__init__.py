@@ -1,0 +1,30 @@
+"""Database access: one module per aggregate, each the single owner of its facts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mautrix.client.state_store.asyncpg.upgrade import upgrade_table as mx_upgrade_table
+from mautrix.util.async_db import Database
+
+from .migrations import upgrade
+
+__all__ = ["open_database"]
+
+log = logging.getLogger("hivebridge.db")
+
+
+async def open_database(url: str) -> Database:
+    """Migrate, then open the runtime pool.
+
+    Our schema is alembic's; mautrix's state store tables (mx_*) stay under
+    mautrix's own upgrade table, as mautrix expects.
+    """
+    if url.startswith("sqlite:") and not url.startswith("sqlite::memory:"):
+        Path(url.removeprefix("sqlite:")).parent.mkdir(parents=True, exist_ok=True)
+    await upgrade(url)
+    db = Database.create(url, upgrade_table=mx_upgrade_table, log=logging.getLogger("mau.db"))
+    await db.start()
+    log.debug("database ready")
+    return db

@@ -1,0 +1,112 @@
+"""Every m.room.message seen in a room, stored once by event id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mautrix.util.async_db import Database
+from mautrix.util.async_db.connection import LoggingConnection
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    event_id: str
+    room_id: str
+    sender: str
+    msgtype: str | None
+    body: str
+    content: dict[str, Any]
+    thread_root: str | None
+    in_reply_to: str | None
+    ts: int
+    persona: str | None = None
+    handled: bool = False
+
+    @classmethod
+    def from_row(cls, row: Any) -> StoredMessage:
+        return cls(
+            event_id=row["event_id"],
+            room_id=row["room_id"],
+            sender=row["sender"],
+            msgtype=row["msgtype"],
+            body=row["body"],
+            content=json.loads(row["content"]),
+            thread_root=row["thread_root"],
+            in_reply_to=row["in_reply_to"],
+            ts=row["ts"],
+            persona=row["persona"],
+            handled=bool(row["handled"]),
+        )
+
+
+_COLUMNS = (
+    "event_id, room_id, sender, msgtype, body, content, thread_root, in_reply_to, ts, persona, "
+    "handled"
+)
+
+
+class MessageStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(self, msg: StoredMessage, conn: LoggingConnection | None = None) -> bool:
+        """Store a message; False when its event id was already stored."""
+        q = (
+            f"INSERT INTO messages ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
+            "$11) ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        )
+        inserted = await (conn or self.db).fetchval(
+            q,
+            msg.event_id,
+            msg.room_id,
+            msg.sender,
+            msg.msgtype,
+            msg.body,
+            json.dumps(msg.content, ensure_ascii=False),
+            msg.thread_root,
+            msg.in_reply_to,
+            msg.ts,
+            msg.persona,
+            msg.handled,
+        )
+        return inserted is not None
+
+    async def get(
+        self, event_id: str, conn: LoggingConnection | None = None
+    ) -> StoredMessage | None:
+        row = await (conn or self.db).fetchrow(
+            f"SELECT {_COLUMNS} FROM messages WHERE event_id=$1", event_id
+        )
+        return StoredMessage.from_row(row) if row else None
+
+    async def mark_handled(self, event_id: str) -> None:
+        await self.db.execute("UPDATE messages SET handled=true WHERE event_id=$1", event_id)
+
+    async def unhandled(self, since_ts: int) -> list[StoredMessage]:
+        """Messages whose routing never finished (a crash), oldest first."""
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM messages WHERE handled=false AND ts >= $1 "
+            "ORDER BY ts, event_id",
+            since_ts,
+        )
+        return [StoredMessage.from_row(r) for r in rows]
+
+    async def recent(self, room_id: str, since_ts: int, limit: int) -> list[StoredMessage]:
+        """The last ``limit`` messages of a room after ``since_ts``, oldest first."""
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM messages WHERE room_id=$1 AND ts >= $2 "
+            "ORDER BY ts DESC, event_id DESC LIMIT $3",
+            room_id,
+            since_ts,
+            limit,
+        )
+        return [StoredMessage.from_row(r) for r in reversed(rows)]
+
+    async def count(self, room_id: str | None = None) -> int:
+        if room_id is None:
+            return int(await self.db.fetchval("SELECT COUNT(*) FROM messages"))
+        return int(
+            await self.db.fetchval("SELECT COUNT(*) FROM messages WHERE room_id=$1", room_id)
+        )

@@ -1,0 +1,106 @@
+"""``hivebridge demo``: a private Synapse, the bridge, and a human who says hello.
+
+Everything runs on 127.0.0.1 in a temporary directory; everything started is
+stopped again unless ``--keep`` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .app import Bridge
+from .config import (
+    AppserviceConfig,
+    Config,
+    DatabaseConfig,
+    HomeserverConfig,
+    LoggingConfig,
+    PermissionsConfig,
+)
+from .devserver.client import HumanClient
+from .devserver.synapse import PrivateSynapse, free_port
+from .logs import setup_logging
+from .registration import write_registration
+
+SERVER_NAME = "hive.test"
+
+
+def demo_config(workdir: Path, hs_url: str, as_port: int) -> Config:
+    return Config(
+        homeserver=HomeserverConfig(address=hs_url, domain=SERVER_NAME),
+        appservice=AppserviceConfig(address=f"http://127.0.0.1:{as_port}", port=as_port),
+        database=DatabaseConfig(url="sqlite:hivebridge.db"),
+        data_dir=str(workdir / "bridge"),
+        permissions=PermissionsConfig(
+            owners=(f"@alice:{SERVER_NAME}",), invite_allowlist=(f"*:{SERVER_NAME}",)
+        ),
+        logging=LoggingConfig(level="WARNING"),
+    )
+
+
+async def run_demo(*, keep: bool = False, message: str, workdir: str | None = None) -> int:
+    setup_logging("WARNING")
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hivebridge-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    hs_port, as_port = free_port(), free_port()
+    config = demo_config(root, f"http://127.0.0.1:{hs_port}", as_port)
+    registration = root / "registration.yaml"
+    write_registration(config, registration)
+    synapse = PrivateSynapse(
+        root / "synapse", server_name=SERVER_NAME, registrations=[registration], port=hs_port
+    )
+    bridge = Bridge(config, registration)
+    try:
+        say(f"starting Synapse on {synapse.url} ...")
+        await synapse.start()
+        say("starting hivebridge ...")
+        await bridge.start()
+        persona_mxid = config.persona_mxid(config.default_persona.name)
+        async with await HumanClient.create(synapse.url, synapse.shared_secret, "alice") as alice:
+            room = await alice.create_room([persona_mxid], direct=True)
+            await alice.wait_for_members(room, {alice.user_id, persona_mxid})
+            say(f"alice opened a DM with {persona_mxid}\n")
+            print("--- transcript ---")
+            print(f"<alice> {message}")
+            started = time.monotonic()
+            await alice.send_text(room, message)
+            reply = await alice.wait_for(
+                room,
+                lambda e: e.get("sender") == persona_mxid and e.get("type") == "m.room.message",
+                timeout=120,
+            )
+            elapsed = time.monotonic() - started
+            name = config.default_persona.displayname
+            print(f"<{name}> {reply['content'].get('body', '')}")
+            print("--- end ---")
+            say(f"reply after {elapsed:.2f}s, from the local model through Synapse")
+            if keep:
+                say(
+                    f"\nkept running: homeserver {synapse.url} (server name {SERVER_NAME})\n"
+                    f"log in as alice / hunter2-hive with Element (custom homeserver), "
+                    f"room {room}\nCtrl-C stops everything."
+                )
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.Event().wait()
+        return 0
+    except Exception as e:
+        logging.getLogger("hivebridge.demo").debug("demo failed", exc_info=True)
+        print(f"demo failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await bridge.stop()
+        synapse.stop()
+        if not workdir and not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def say(text: str) -> None:
+    """Progress goes to stderr; the transcript alone goes to stdout."""
+    print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Private homeserver and human client for the demo and the tests."""

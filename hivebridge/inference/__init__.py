@@ -1,0 +1,4 @@
+"""Inference: local llama.cpp engine, remote OpenAI-compatible endpoints, routing.
+
+This package never imports Matrix code.
+"""

@@ -1,0 +1,1 @@
+"""Matrix side: intake of appservice transactions, per-room ordering, sending."""

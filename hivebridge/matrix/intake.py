@@ -1,0 +1,166 @@
+"""Appservice intake: authenticate, deduplicate, store, and queue per room.
+
+mautrix's AppService keeps seen transaction ids in memory only and answers 200
+even when handling failed. Here the transaction id and every message it brings
+are written in one database transaction before we answer, so a transaction
+retried by Synapse — also after a restart — is processed once, and a failure
+answers 500 so that Synapse retries instead of dropping the events.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from mautrix.appservice import AppService
+from mautrix.types import Event, EventType
+from mautrix.util.async_db.connection import LoggingConnection
+
+from ..db.messages import MessageStore, StoredMessage
+from ..db.txns import TxnStore
+
+log = logging.getLogger("hivebridge.intake")
+
+EventSink = Callable[[Event, "StoredMessage | None"], Awaitable[None] | None]
+"""Receives each event in order, with its stored row when it is a message to route."""
+
+
+def stored_from_event(raw: dict[str, Any], persona: str | None = None) -> StoredMessage | None:
+    """The row we keep for an ``m.room.message``; None for anything else or malformed."""
+    if raw.get("type") != "m.room.message" or "state_key" in raw:
+        return None
+    content = raw.get("content")
+    event_id, room_id, sender = raw.get("event_id"), raw.get("room_id"), raw.get("sender")
+    if not isinstance(content, dict) or not all(
+        isinstance(v, str) and v for v in (event_id, room_id, sender)
+    ):
+        return None
+    body = content.get("body")
+    msgtype = content.get("msgtype")
+    relates = content.get("m.relates_to")
+    relates = relates if isinstance(relates, dict) else {}
+    thread_root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
+    reply = relates.get("m.in_reply_to")
+    in_reply_to = reply.get("event_id") if isinstance(reply, dict) else None
+    ts = raw.get("origin_server_ts")
+    return StoredMessage(
+        event_id=str(event_id),
+        room_id=str(room_id),
+        sender=str(sender),
+        msgtype=msgtype if isinstance(msgtype, str) else None,
+        body=body if isinstance(body, str) else "",
+        content=content,
+        thread_root=thread_root if isinstance(thread_root, str) else None,
+        in_reply_to=in_reply_to if isinstance(in_reply_to, str) else None,
+        ts=ts if isinstance(ts, int) and not isinstance(ts, bool) else int(time.time() * 1000),
+        persona=persona,
+    )
+
+
+class Intake(AppService):
+    """The appservice HTTP side, with persisted transaction and message dedupe."""
+
+    def __init__(
+        self,
+        *,
+        messages: MessageStore,
+        txns: TxnStore,
+        on_event: EventSink,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.messages = messages
+        self.txns = txns
+        self._on_event = on_event
+        # The state store learns membership from the events we pass it ourselves,
+        # in order, before routing; not as a racing background handler.
+        self.event_handlers.clear()
+
+    async def _http_handle_transaction(self, request: web.Request) -> web.Response:
+        denied = self._auth_error(request)
+        if denied is not None:
+            return denied
+        txn_id = request.match_info["transaction_id"]
+        if txn_id in self.transactions:
+            return web.json_response({})
+        try:
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.json_response(
+                {"errcode": "M_NOT_JSON", "error": "Body is not JSON"}, status=400
+            )
+        events = data.get("events") if isinstance(data, dict) else None
+        if not isinstance(events, list):
+            return web.json_response(
+                {"errcode": "M_BAD_JSON", "error": "Missing events array"}, status=400
+            )
+        try:
+            await self.process_transaction(txn_id, events)
+        except Exception:
+            log.exception("transaction %s failed; the homeserver will retry it", txn_id)
+            return web.json_response(
+                {"errcode": "M_UNKNOWN", "error": "Transaction failed"}, status=500
+            )
+        self.transactions.add(txn_id)
+        return web.json_response({})
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        """401 without a token, 403 with a wrong one (the appservice spec's codes)."""
+        header = request.headers.get("Authorization", "")
+        token = request.query.get("access_token") or (
+            header.removeprefix("Bearer ") if header.startswith("Bearer ") else None
+        )
+        if not token:
+            return web.json_response(
+                {"errcode": "M_UNAUTHORIZED", "error": "Missing hs_token"}, status=401
+            )
+        if not hmac.compare_digest(token.encode(), self.hs_token.encode()):
+            return web.json_response(
+                {"errcode": "M_FORBIDDEN", "error": "Invalid hs_token"}, status=403
+            )
+        return None
+
+    async def process_transaction(self, txn_id: str, events: list[Any]) -> None:
+        if await self.txns.is_processed(txn_id):
+            log.debug("transaction %s already processed", txn_id)
+            return
+        fresh: dict[str, StoredMessage] = {}
+        conn: LoggingConnection
+        async with self.messages.db.acquire() as conn, conn.transaction():
+            for raw in events:
+                if not isinstance(raw, dict):
+                    continue
+                row = stored_from_event(raw)
+                if row is None:
+                    continue
+                if await self.messages.insert(row, conn):
+                    fresh[row.event_id] = row
+                else:
+                    # Our own sends are stored by the sender before the echo arrives;
+                    # they still need routing once (personas address each other).
+                    known = await self.messages.get(row.event_id, conn)
+                    if known is not None and known.persona and not known.handled:
+                        fresh[row.event_id] = known
+            await self.txns.mark_processed(txn_id, conn)
+        for raw in events:
+            if not isinstance(raw, dict):
+                continue
+            try:
+                self._fix_prev_content(raw)
+                event = Event.deserialize(raw)
+            except Exception:  # malformed input must never stop the transaction
+                log.warning("skipping an event that does not deserialize")
+                continue
+            if getattr(event, "state_key", None) is not None:
+                event.type = event.type.with_class(EventType.Class.STATE)
+                await self.state_store.update_state(event)
+            else:
+                event.type = event.type.with_class(EventType.Class.MESSAGE)
+            result = self._on_event(event, fresh.get(str(getattr(event, "event_id", ""))))
+            if result is not None:
+                await result

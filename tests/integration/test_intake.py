@@ -1,0 +1,151 @@
+"""The appservice endpoint, as Synapse calls it, over real HTTP and a real database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from mautrix.appservice.state_store.asyncpg import PgASStateStore
+from mautrix.types import Event
+
+from hivebridge.db import open_database
+from hivebridge.db.messages import MessageStore, StoredMessage
+from hivebridge.db.txns import TxnStore
+from hivebridge.devserver.synapse import free_port
+from hivebridge.matrix.intake import Intake
+
+HS_TOKEN = "hs-token-for-tests-0123456789"
+
+
+class Running:
+    def __init__(self, intake: Intake, port: int, seen: list[tuple[str, bool]]) -> None:
+        self.intake, self.port, self.seen = intake, port, seen
+
+    def url(self, txn: str) -> str:
+        return f"http://127.0.0.1:{self.port}/_matrix/app/v1/transactions/{txn}"
+
+
+async def start_intake(db_url: str) -> Running:
+    db = await open_database(db_url)
+    state_store = PgASStateStore(db)
+    await state_store.upgrade_table.upgrade(db)
+    seen: list[tuple[str, bool]] = []
+
+    def on_event(event: Event, stored: StoredMessage | None) -> None:
+        seen.append((str(event.event_id), stored is not None))
+
+    intake = Intake(
+        messages=MessageStore(db),
+        txns=TxnStore(db),
+        on_event=on_event,
+        server="http://127.0.0.1:9",  # never called here
+        domain="hive.test",
+        as_token="as-token-for-tests-0123456789",
+        hs_token=HS_TOKEN,
+        bot_localpart="hive_bot",
+        id="hivebridge",
+        state_store=state_store,
+    )
+    port = free_port()
+    await intake.start("127.0.0.1", port)
+    return Running(intake, port, seen)
+
+
+async def stop_intake(running: Running) -> None:
+    db = running.intake.messages.db
+    await running.intake.stop()
+    await db.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def txn_body(*event_ids: str) -> dict[str, Any]:
+    return {
+        "events": [
+            {
+                "type": "m.room.message",
+                "event_id": eid,
+                "room_id": "!room:hive.test",
+                "sender": "@alice:hive.test",
+                "origin_server_ts": 1_700_000_000_000 + i,
+                "content": {"msgtype": "m.text", "body": f"hello {eid}"},
+            }
+            for i, eid in enumerate(event_ids)
+        ]
+    }
+
+
+async def put(http: aiohttp.ClientSession, url: str, body: Any, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with http.put(url, json=body, headers=headers) as resp:
+        return resp.status
+
+
+async def test_missing_or_wrong_token_is_refused_and_stores_nothing(
+    db_url: str, http: aiohttp.ClientSession
+) -> None:
+    running = await start_intake(db_url)
+    try:
+        assert await put(http, running.url("1"), txn_body("$a"), None) == 401
+        assert await put(http, running.url("1"), txn_body("$a"), "wrong-token") == 403
+        status = await put(http, running.url("1") + "?access_token=wrong", txn_body("$a"), None)
+        assert status == 403
+        assert await running.intake.messages.count() == 0
+        assert not await running.intake.txns.is_processed("1")
+        assert running.seen == []
+    finally:
+        await stop_intake(running)
+
+
+async def test_same_transaction_twice_and_after_restart_is_processed_once(
+    db_url: str, http: aiohttp.ClientSession
+) -> None:
+    running = await start_intake(db_url)
+    try:
+        assert await put(http, running.url("7"), txn_body("$a", "$b"), HS_TOKEN) == 200
+        assert await put(http, running.url("7"), txn_body("$a", "$b"), HS_TOKEN) == 200
+        assert running.seen == [("$a", True), ("$b", True)]
+        assert await running.intake.messages.count() == 2
+    finally:
+        await stop_intake(running)
+
+    restarted = await start_intake(db_url)  # fresh process state, same database
+    try:
+        assert await put(http, restarted.url("7"), txn_body("$a", "$b"), HS_TOKEN) == 200
+        assert restarted.seen == []
+        # A new transaction repeating a stored event: delivered, but not routed again.
+        assert await put(http, restarted.url("8"), txn_body("$b", "$c"), HS_TOKEN) == 200
+        assert restarted.seen == [("$b", False), ("$c", True)]
+        assert await restarted.intake.messages.count() == 3
+    finally:
+        await stop_intake(restarted)
+
+
+async def test_malformed_events_are_skipped_not_fatal(
+    db_url: str, http: aiohttp.ClientSession
+) -> None:
+    running = await start_intake(db_url)
+    try:
+        body = {
+            "events": [
+                {"type": "m.room.message", "content": "not a dict"},
+                {"type": "m.room.message", "event_id": 5, "room_id": [], "content": {}},
+                "garbage",
+                *txn_body("$ok")["events"],
+            ]
+        }
+        assert await put(http, running.url("9"), body, HS_TOKEN) == 200
+        assert await running.intake.messages.count() == 1
+        assert ("$ok", True) in running.seen
+        async with http.put(
+            running.url("10"), data=b"{not json", headers={"Authorization": f"Bearer {HS_TOKEN}"}
+        ) as resp:
+            assert resp.status == 400
+    finally:
+        await stop_intake(running)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import asyncio
+
+from hivebridge.matrix.room_queues import RoomQueues
+
+
+async def test_one_room_in_order_rooms_in_parallel() -> None:
+    seen: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+
+    async def handle(room: str, item: int) -> None:
+        if room == "!slow" and item == 0:
+            await gate.wait()  # the slow room blocks only itself
+        seen.append((room, item))
+
+    queues: RoomQueues[int] = RoomQueues(handle)
+    for i in range(3):
+        queues.push("!slow", i)
+        queues.push("!fast", i)
+    await asyncio.sleep(0.05)
+    assert [i for r, i in seen if r == "!fast"] == [0, 1, 2]
+    assert not [i for r, i in seen if r == "!slow"]
+    gate.set()
+    await queues.drain()
+    assert [i for r, i in seen if r == "!slow"] == [0, 1, 2]
+    await queues.close()
+
+
+async def test_a_failing_item_does_not_stop_the_room() -> None:
+    seen: list[int] = []
+
+    async def handle(room: str, item: int) -> None:
+        if item == 1:
+            raise RuntimeError("boom")
+        seen.append(item)
+
+    queues: RoomQueues[int] = RoomQueues(handle)
+    for i in range(3):
+        queues.push("!r", i)
+    await queues.drain()
+    assert seen == [0, 2]
+    await queues.close()
+
+
+async def test_idle_consumer_exits_and_restarts() -> None:
+    seen: list[int] = []
+
+    async def handle(room: str, item: int) -> None:
+        seen.append(item)
+
+    queues: RoomQueues[int] = RoomQueues(handle, idle_timeout=0.01)
+    queues.push("!r", 1)
+    await asyncio.sleep(0.1)
+    assert seen == [1]
+    queues.push("!r", 2)
+    await queues.drain()
+    assert seen == [1, 2]
+    await queues.close()
