@@ -10,11 +10,16 @@ from pathlib import Path
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.util.async_db import Database
 
+from .commands.base import CommandTable
+from .commands.personas import PersonaCommands
+from .commands.rooms import RoomCommands
+from .commands.trust import TrustCommands
 from .config import Config, ConfigError
 from .db import open_database
 from .db.messages import MessageStore
 from .db.personas import Persona, PersonaStore
 from .db.rooms import RoomStore
+from .db.trust import TrustStore
 from .db.txns import TxnStore
 from .events import EventRouter
 from .inference.bundled import bundled_model_path
@@ -22,9 +27,10 @@ from .inference.serial import SerialLlamaBackend
 from .inference.types import Backend
 from .matrix.intake import Intake
 from .matrix.sender import Sender
-from .personas import PersonaDirectory
+from .personas import PersonaDirectory, PersonaLifecycle
 from .registration import load_tokens
 from .replies import ReplyService
+from .roles import Roles
 
 log = logging.getLogger("hivebridge")
 
@@ -83,12 +89,21 @@ class Bridge:
         )
         await self.local.start()
         self.personas = personas = PersonaDirectory(config, PersonaStore(db), appservice)
-        replies = ReplyService(
-            config, personas, messages, RoomStore(db), Sender(messages), self._backend_for
+        self.lifecycle = PersonaLifecycle(personas)
+        rooms = RoomStore(db)
+        sender = Sender(messages)
+        self.roles = roles = Roles(config.permissions, TrustStore(db))
+        replies = ReplyService(config, personas, messages, rooms, sender, self._backend_for)
+        self.commands = commands = CommandTable(prefix=config.routing.command_prefix)
+        self.router = router = EventRouter(
+            config, appservice, personas, messages, rooms, roles, commands, sender, replies
         )
-        self.router = EventRouter(config, appservice, personas, messages, replies)
-        await appservice.start(config.appservice.hostname, config.appservice.port)
+        RoomCommands(rooms, commands, router.forget_room).register(commands)
+        PersonaCommands(personas, self.lifecycle).register(commands)
+        TrustCommands(roles).register(commands)
         await personas.load()
+        await roles.load()
+        await appservice.start(config.appservice.hostname, config.appservice.port)
         await appservice.intent.ensure_registered()
         await appservice.intent.set_displayname(config.appservice.bot_displayname)
         await personas.ensure_default()

@@ -197,6 +197,34 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """When personas speak: loop guard and hop limits."""
+
+    #: Prefix of bot commands.
+    command_prefix: str = "!"
+    #: Personas answering each other in the same pattern this many times in a row
+    #: are paused until someone else speaks (or the cooldown passes).
+    ping_pong_threshold: int = 5
+    ping_pong_cooldown_s: float = 300.0
+    #: Persona replies per room per minute, all personas together.
+    max_persona_turns_per_minute: int = 20
+    #: MSC4295 bounce limit put on persona messages; each persona-to-persona hop spends one.
+    bounce_limit: int = 8
+
+    def validate(self) -> None:
+        if len(self.command_prefix) != 1 or self.command_prefix.isalnum():
+            raise ConfigError("routing.command_prefix", "must be one punctuation character")
+        if self.ping_pong_threshold < 2:
+            raise ConfigError("routing.ping_pong_threshold", "must be at least 2")
+        if self.ping_pong_cooldown_s < 0:
+            raise ConfigError("routing.ping_pong_cooldown_s", "must not be negative")
+        if self.max_persona_turns_per_minute < 1:
+            raise ConfigError("routing.max_persona_turns_per_minute", "must be at least 1")
+        if self.bounce_limit < 1:
+            raise ConfigError("routing.bounce_limit", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class AdminApiConfig:
     """Health and admin HTTP API; disabled when no token is set."""
 
@@ -227,6 +255,7 @@ class Config:
     permissions: PermissionsConfig = field(default_factory=PermissionsConfig)
     default_persona: PersonaConfig = field(default_factory=PersonaConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Path the config was read from (not a YAML key).

@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from mautrix.appservice import AppService
 from mautrix.types import Event, EventType, Membership, MemberStateEventContent, StateEvent
 
+from .commands.base import CommandContext, CommandTable
 from .config import Config
 from .db.messages import MessageStore, StoredMessage
-from .db.personas import Persona
+from .db.rooms import RoomStore
 from .matrix.room_queues import RoomQueues
+from .matrix.sender import Sender, stable_txn_id
 from .permissions import matches
 from .personas import PersonaDirectory
 from .replies import ReplyService
+from .roles import Roles
+from .routing.dispatch import (
+    MessageView,
+    PersonaView,
+    RoomView,
+    addressed_in_thread,
+    decide,
+    next_bounce_limit,
+)
+from .routing.loop_guard import GuardVerdict, LoopGuard
 
 log = logging.getLogger("hivebridge.events")
 
-DEFAULT_BOUNCE_LIMIT = 8
+#: Threads remembered per room for "follow-ups in a thread it was addressed in".
+MAX_THREADS_PER_ROOM = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,16 +51,31 @@ class EventRouter:
         appservice: AppService,
         personas: PersonaDirectory,
         messages: MessageStore,
+        rooms: RoomStore,
+        roles: Roles,
+        commands: CommandTable,
+        sender: Sender,
         replies: ReplyService,
     ) -> None:
         self.config = config
         self.appservice = appservice
         self.personas = personas
         self.messages = messages
+        self.rooms = rooms
+        self.roles = roles
+        self.commands = commands
+        self.sender = sender
         self.replies = replies
+        r = config.routing
+        self.loop_guard = LoopGuard(
+            threshold=r.ping_pong_threshold,
+            cooldown_s=r.ping_pong_cooldown_s,
+            max_turns_per_minute=r.max_persona_turns_per_minute,
+        )
+        self._threads: dict[str, dict[tuple[str, str], None]] = defaultdict(dict)
         self.queues: RoomQueues[RoomWork] = RoomQueues(self._handle)
 
-    # Intake side ------------------------------------------------------------------
+    # Intake side ----------------------------------------------------------------------
 
     def on_event(self, event: Event, stored: StoredMessage | None) -> None:
         room_id = str(getattr(event, "room_id", "") or "")
@@ -60,6 +90,11 @@ class EventRouter:
         """Queue a stored message whose routing never finished (after a crash)."""
         self.queues.push(message.room_id, RoomWork(message=message))
 
+    def forget_room(self, room_id: str) -> None:
+        """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""
+        self.loop_guard.forget(room_id)
+        self._threads.pop(room_id, None)
+
     async def _handle(self, room_id: str, work: RoomWork) -> None:
         if isinstance(work.event, StateEvent):
             await self._on_member(room_id, work.event)
@@ -69,14 +104,21 @@ class EventRouter:
             finally:
                 await self.messages.mark_handled(work.message.event_id)
 
-    # Membership ---------------------------------------------------------------------
+    # Membership -------------------------------------------------------------------------
 
     async def _on_member(self, room_id: str, event: StateEvent) -> None:
-        target = str(event.state_key)
         if not isinstance(event.content, MemberStateEventContent):
             return
-        if event.content.membership == Membership.INVITE and self.personas.is_ours(target):
+        target = str(event.state_key)
+        membership = event.content.membership
+        if membership == Membership.INVITE and self.personas.is_ours(target):
             await self._on_invite(room_id, target, str(event.sender))
+        elif membership in (Membership.LEAVE, Membership.BAN):
+            persona = self.personas.get(target)
+            if persona is not None:
+                await self.personas.store.remove_room(persona.name, room_id)
+            elif not self.personas.is_ours(target):
+                await self._leave_if_no_humans(room_id)
 
     async def _on_invite(self, room_id: str, target: str, inviter: str) -> None:
         persona = self.personas.get(target)
@@ -86,16 +128,39 @@ class EventRouter:
             intent = self.personas.intent(persona)
         else:
             return  # a namespace user that is no persona (despawned): ignore the invite
-        if not matches(inviter, self.config.permissions.invite_allowlist):
-            log.info("refusing invite from %s to %s", inviter, room_id)
+        if self.personas.is_ours(inviter):
+            pass  # our own bot or personas bringing each other in (spawn, invite)
+        elif not matches(inviter, self.config.permissions.invite_allowlist):
+            log.info("refusing invite from %s", inviter, extra={"room_id": room_id})
             await intent.leave_room(room_id, reason="inviter is not allowed")  # type: ignore[arg-type]
             return
+        await intent.ensure_registered()
         await intent.join_room_by_id(room_id)  # type: ignore[arg-type]
         # Fetch the member list once, so room size is known before the first message.
         await intent.get_joined_members(room_id)  # type: ignore[arg-type]
         if persona is not None:
             await self.personas.store.add_room(persona.name, room_id)
-        log.info("%s joined %s on invite from %s", target, room_id, inviter)
+        log.info("%s joined on invite from %s", target, inviter, extra={"room_id": room_id})
+
+    async def _leave_if_no_humans(self, room_id: str) -> None:
+        """When the last human leaves, the personas and the bot leave too."""
+        members = await self.joined_members(room_id)
+        if any(not self.personas.is_ours(m) for m in members):
+            return
+        for mxid in members:
+            persona = self.personas.get(mxid)
+            if persona is not None:
+                intent = self.personas.intent(persona)
+                await self.personas.store.remove_room(persona.name, room_id)
+            elif mxid == self.personas.bot_mxid:
+                intent = self.appservice.intent
+            else:
+                continue
+            try:
+                await intent.leave_room(room_id, reason="no humans left")  # type: ignore[arg-type]
+            except Exception as e:
+                log.warning("could not leave: %s", e, extra={"room_id": room_id})
+        self.forget_room(room_id)
 
     async def joined_members(self, room_id: str) -> list[str]:
         members = await self.appservice.state_store.get_members(
@@ -104,24 +169,105 @@ class EventRouter:
         )
         return [str(m) for m in members]
 
-    # Messages ------------------------------------------------------------------------
+    # Messages ---------------------------------------------------------------------------
 
     async def _on_message(self, room_id: str, msg: StoredMessage) -> None:
         if msg.sender == self.personas.bot_mxid:
             return
-        if msg.body.startswith("!") and not self.personas.is_ours(msg.sender):
-            return  # commands are the bot's; personas don't answer them
         members = await self.joined_members(room_id)
-        for persona in self._personas_in(members):
-            if self._should_answer(persona, msg, members):
-                await self.replies.reply(persona, msg, DEFAULT_BOUNCE_LIMIT)
+        is_ours = self.personas.is_ours(msg.sender)
+        if not is_ours and self.commands.is_command(msg.body):
+            if self.personas.bot_mxid in members:
+                await self._run_command(room_id, msg)
+            return  # commands are the bot's; personas never answer them
+        now = time.time()
+        verdict = self.loop_guard.observe(room_id, msg.sender, now, is_bot=is_ours)
+        if verdict.notify:
+            await self._loop_notice(room_id, msg, members)
+        personas = [p for m in members if (p := self.personas.get(m)) is not None]
+        if not personas:
+            return
+        view = await self._view(msg)
+        room = await self._room_view(room_id, members)
+        for persona in personas:
+            pview = PersonaView(persona.mxid, persona.name, persona.displayname)
+            decision = decide(view, pview, room)
+            if decision.answer:
+                pair = addressed_in_thread(view, pview, decision)
+                if pair is not None:
+                    self._remember_thread(room_id, pair)
+            if not decision.answer:
+                log.debug("%s: no (%s)", persona.name, decision.reason, extra={"room_id": room_id})
+                continue
+            guard = self.loop_guard.check_turn(
+                room_id, persona.mxid, now, incoming_bounce_limit=view.bounce_limit
+            )
+            if guard is not GuardVerdict.ALLOW:
+                log.info("%s suppressed: %s", persona.name, guard, extra={"room_id": room_id})
+                continue
+            bounce = next_bounce_limit(
+                view.bounce_limit if is_ours else None, self.config.routing.bounce_limit
+            )
+            await self.replies.reply(persona, msg, bounce, group=len(members) > 2)
 
-    def _personas_in(self, members: list[str]) -> list[Persona]:
-        return [p for m in members if (p := self.personas.get(m)) is not None]
+    async def _run_command(self, room_id: str, msg: StoredMessage) -> None:
+        async def reply(text: str) -> None:
+            await self.sender.send_text(
+                self.appservice.intent,
+                room_id,
+                text,
+                txn_id=stable_txn_id(msg.event_id, "command", text[:64]),
+                notice=True,
+            )
 
-    def _should_answer(self, persona: Persona, msg: StoredMessage, members: list[str]) -> bool:
-        if msg.sender == persona.mxid or self.personas.is_ours(msg.sender):
-            return False
-        if msg.msgtype not in ("m.text", "m.emote"):
-            return False
-        return len(members) == 2
+        ctx = CommandContext(
+            room_id, msg.sender, self.roles.role_of(msg.sender), msg.event_id, reply
+        )
+        await self.commands.run(ctx, msg.body)
+
+    async def _loop_notice(self, room_id: str, msg: StoredMessage, members: list[str]) -> None:
+        text = (
+            "Loop limit reached: the personas here kept answering each other in the same "
+            "pattern, so they pause until someone else speaks."
+        )
+        intent = self.appservice.intent
+        if self.personas.bot_mxid not in members:
+            persona = self.personas.get(msg.sender)
+            if persona is None:
+                return
+            intent = self.personas.intent(persona)
+        await self.sender.send_text(
+            intent, room_id, text, txn_id=stable_txn_id(msg.event_id, "loop"), notice=True
+        )
+
+    async def _view(self, msg: StoredMessage) -> MessageView:
+        reply_sender = thread_sender = None
+        if msg.in_reply_to:
+            replied = await self.messages.get(msg.in_reply_to)
+            reply_sender = replied.sender if replied else None
+        if msg.thread_root:
+            root = await self.messages.get(msg.thread_root)
+            thread_sender = root.sender if root else None
+        return MessageView.from_content(
+            msg.event_id,
+            msg.sender,
+            msg.content,
+            reply_to_sender=reply_sender,
+            thread_root_sender=thread_sender,
+        )
+
+    async def _room_view(self, room_id: str, members: list[str]) -> RoomView:
+        settings = await self.rooms.get(room_id)
+        return RoomView(
+            joined_member_count=len(members),
+            bot_mxid=self.personas.bot_mxid,
+            persona_mxids=frozenset(m for m in members if self.personas.get(m)),
+            active=settings.active,
+            addressed_threads=frozenset(self._threads.get(room_id, {})),
+        )
+
+    def _remember_thread(self, room_id: str, pair: tuple[str, str]) -> None:
+        threads = self._threads[room_id]
+        threads[pair] = None
+        while len(threads) > MAX_THREADS_PER_ROOM:
+            del threads[next(iter(threads))]

@@ -63,7 +63,9 @@ class ReplyService:
         turns.append(ChatMessage("user", msg.body))
         return [ChatMessage("system", persona.system_prompt), *turns]
 
-    async def reply(self, persona: Persona, msg: StoredMessage, bounce_limit: int) -> str | None:
+    async def reply(
+        self, persona: Persona, msg: StoredMessage, bounce_limit: int, *, group: bool = False
+    ) -> str | None:
         intent = self.personas.intent(persona)
         await self.sender.typing(intent, msg.room_id, True)
         try:
@@ -103,5 +105,17 @@ class ReplyService:
             text,
             txn_id=txn,
             persona=persona.name,
-            extra={BOUNCE_LIMIT_KEY: bounce_limit},
+            extra={BOUNCE_LIMIT_KEY: bounce_limit, **(reply_relation(msg) if group else {})},
         )
+
+
+def reply_relation(msg: StoredMessage) -> dict[str, object]:
+    """Content keys that make a message a reply to ``msg`` (in its thread, if any).
+
+    In a group the answer says what it answers and mentions its sender, so the
+    asker is notified and a persona that asked counts as addressed.
+    """
+    relates: dict[str, object] = {"m.in_reply_to": {"event_id": msg.event_id}}
+    if msg.thread_root:
+        relates.update(rel_type="m.thread", event_id=msg.thread_root, is_falling_back=False)
+    return {"m.relates_to": relates, "m.mentions": {"user_ids": [msg.sender]}}

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
+from .commands.parser import Role
 from .config import PermissionsConfig
 from .db.trust import TrustStore
 from .permissions import matches
-
-Role = Literal["user", "trusted", "owner"]
 
 
 class Roles:

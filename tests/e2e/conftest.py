@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from hivebridge.app import Bridge
-from hivebridge.config import Config
+from hivebridge.config import Config, PermissionsConfig
 from hivebridge.demo import SERVER_NAME, demo_config
-from hivebridge.devserver.client import HumanClient
+from hivebridge.devserver.client import HumanClient, register_user
 from hivebridge.devserver.synapse import PrivateSynapse, free_port
 from hivebridge.registration import write_registration
 from tests.conftest import skip_or_fail
@@ -22,11 +22,19 @@ from tests.conftest import skip_or_fail
 _users = itertools.count()
 
 
+OWNER = "@boss:hive.test"
+
+
 @dataclass
 class Homeserver:
     synapse: PrivateSynapse
     config: Config
     registration: Path
+    owner_token: str = ""
+
+    def owner(self) -> HumanClient:
+        """The owner named in the bridge's config (registered once per session)."""
+        return HumanClient(self.synapse.url, OWNER, self.owner_token)
 
     async def human(self, name: str = "human") -> HumanClient:
         """A freshly registered user (unique name per call)."""
@@ -42,6 +50,12 @@ def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]
     root = tmp_path_factory.mktemp("e2e")
     hs_port, as_port = free_port(), free_port()
     config = demo_config(root, f"http://127.0.0.1:{hs_port}", as_port)
+    config = replace(
+        config,
+        permissions=PermissionsConfig(owners=(OWNER,), invite_allowlist=("*:hive.test",)),
+        # Short replies keep the suite quick; the model is real all the same.
+        inference=replace(config.inference, max_tokens=24, temperature=0.0),
+    )
     registration = root / "registration.yaml"
     write_registration(config, registration)
     synapse = PrivateSynapse(
@@ -49,7 +63,10 @@ def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]
     )
     asyncio.run(synapse.start())
     try:
-        yield Homeserver(synapse, config, registration)
+        owner = asyncio.run(
+            register_user(synapse.url, synapse.shared_secret, "boss", "boss-password")
+        )
+        yield Homeserver(synapse, config, registration, owner["access_token"])
     finally:
         synapse.stop()
 

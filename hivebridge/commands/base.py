@@ -1,0 +1,75 @@
+"""Running a parsed command: roles, a reply line, and no traceback ever in a room."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .parser import CommandError, CommandSpec, ParsedCommand, Role, format_help, parse, role_allows
+
+log = logging.getLogger("hivebridge.commands")
+
+Reply = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """Who asked, where, and how to answer (as the bot, with an m.notice)."""
+
+    room_id: str
+    sender: str
+    role: Role
+    event_id: str
+    reply: Reply
+
+
+Handler = Callable[[CommandContext, ParsedCommand], Awaitable[None]]
+
+
+class UserError(Exception):
+    """A problem with what the user asked; its text is the whole reply."""
+
+
+@dataclass
+class CommandTable:
+    """Command specs and their handlers; a command group registers itself here."""
+
+    prefix: str = "!"
+    specs: dict[str, CommandSpec] = field(default_factory=dict)
+    handlers: dict[str, Handler] = field(default_factory=dict)
+
+    def add(self, spec: CommandSpec, handler: Handler) -> None:
+        self.specs[spec.name] = spec
+        self.handlers[spec.name] = handler
+
+    def help_for(self, role: Role) -> str:
+        return format_help(list(self.specs.values()), self.prefix, role)
+
+    def is_command(self, body: str) -> bool:
+        return body.startswith(self.prefix)
+
+    async def run(self, ctx: CommandContext, body: str) -> bool:
+        """Handle ``body`` if it is a command; False when it is not one."""
+        parsed = parse(body, list(self.specs.values()), self.prefix)
+        if parsed is None:
+            return False
+        if isinstance(parsed, CommandError):
+            await ctx.reply(str(parsed))
+            return True
+        if not role_allows(ctx.role, parsed.spec.min_role):
+            await ctx.reply(
+                f"{self.prefix}{parsed.name} needs the {parsed.spec.min_role} role "
+                f"(you are {ctx.role})."
+            )
+            return True
+        try:
+            await self.handlers[parsed.name](ctx, parsed)
+        except UserError as e:
+            await ctx.reply(str(e))
+        except Exception:
+            log.exception("command %s failed", parsed.name, extra={"room_id": ctx.room_id})
+            await ctx.reply(
+                f"{self.prefix}{parsed.name} failed; the details are in the bridge log."
+            )
+        return True
