@@ -1,0 +1,391 @@
+"""One OpenAI-compatible endpoint (llama-server, vLLM, llama_cpp.server, OpenAI...).
+
+The ``openai`` client's own retries are switched off (``max_retries=0``): they
+only cover connecting and would hide failures from the router, which retries
+across endpoints itself and only before the first token. Every error leaves this
+module as an :class:`InferenceError` whose message is safe to show in a room:
+the API key is scrubbed out and the original exception is not chained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from .types import BackendUnavailable, ChatMessage, GenerationStats, InferenceError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_NO_KEY = "no-key"  # sent when none is configured: the client insists on one
+_MAX_DETAIL = 200
+
+
+class Secret:
+    """A string that never shows itself in repr/str (dataclass reprs, logs, tracebacks)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(" + mask_key(self._value) + ")"
+
+    __str__ = __repr__
+
+
+def mask_key(key: str | None) -> str:
+    """Show enough of a key to tell keys apart: ``sk-…abcd``; short keys become ``****``."""
+    if not key:
+        return "(none)"
+    if len(key) < 12:
+        return "****"
+    prefix = key[:3] if key[:3].endswith("-") else ""
+    return f"{prefix}…{key[-4:]}"
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+class RemoteError(InferenceError):
+    """A remote request failed.
+
+    ``transient``: another try (here or elsewhere) may succeed (connect errors,
+    timeouts, 429, 5xx). ``endpoint_fault``: the endpoint itself is to blame and
+    should count against its health (as opposed to a bad request).
+    """
+
+    transient = False
+    endpoint_fault = True
+
+    def __init__(self, message: str, *, endpoint: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.status = status
+
+
+class EndpointUnavailable(RemoteError, BackendUnavailable):
+    """Connect error, timeout, 429 or 5xx: worth trying again or elsewhere."""
+
+    transient = True
+
+
+class EndpointAuthError(RemoteError):
+    """401/403: the key is wrong; no retry will help until someone fixes it."""
+
+
+class ModelNotServed(RemoteError):
+    """404: this endpoint does not serve the model (another one may)."""
+
+
+class RequestRejected(RemoteError):
+    """400/422 and friends: the request itself is bad; other endpoints would agree."""
+
+    endpoint_fault = False
+
+
+class StreamInterrupted(RemoteError):
+    """The stream broke after text had arrived; retrying would duplicate text."""
+
+    transient = True
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointTimeouts:
+    """Seconds. ``read_s`` bounds the wait for each chunk, so also time to first token."""
+
+    connect_s: float = 5.0
+    read_s: float = 60.0
+    write_s: float = 10.0
+    pool_s: float = 5.0
+    discovery_s: float = 10.0  # whole /v1/models call
+
+
+# --- endpoint ------------------------------------------------------------------------
+
+
+class RemoteEndpoint:
+    """An OpenAI-compatible server; implements :class:`Backend` for one of its models."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeouts: EndpointTimeouts | None = None,
+        default_model: str | None = None,
+        extra_sampling: bool = True,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.timeouts = timeouts or EndpointTimeouts()
+        self.default_model = default_model
+        self.models: list[str] = []  # as of the last successful list_models()
+        self._key = Secret(api_key or "")
+        # Optional request fields (usage in stream, top_k/min_p/repeat_penalty) are
+        # dropped for good the first time the server rejects them with a 400/422.
+        self._optional_fields = True
+        self._extra_sampling = extra_sampling
+        t = self.timeouts
+        self._client = openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=api_key or _NO_KEY,
+            max_retries=0,
+            timeout=openai.Timeout(t.read_s, connect=t.connect_s, write=t.write_s, pool=t.pool_s),
+        )
+
+    def __repr__(self) -> str:
+        return f"RemoteEndpoint({self.name!r}, {self.base_url!r}, key={self.masked_key()})"
+
+    __str__ = __repr__
+
+    def masked_key(self) -> str:
+        return mask_key(self._key.reveal())
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def list_models(self) -> list[str]:
+        """Model ids served, via ``GET /v1/models``; also remembered in :attr:`models`."""
+        client = self._client.with_options(timeout=self.timeouts.discovery_s)
+        try:
+            page = await client.models.list()
+            ids = [m.id for m in page.data]
+        except Exception as exc:
+            raise self.map_error(exc) from None
+        self.models = ids
+        return ids
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        *,
+        session: str | None = None,
+        model: str | None = None,
+    ) -> RemoteGeneration:
+        """Stream a chat completion; ``model`` defaults to the configured or only model."""
+        chosen = model or self.default_model or (self.models[0] if len(self.models) == 1 else None)
+        if chosen is None:
+            raise RequestRejected(
+                f"endpoint {self.name}: no model given and none is the default",
+                endpoint=self.name,
+            )
+        return RemoteGeneration(self, chosen, messages, params, session)
+
+    # --- helpers used by RemoteGeneration -------------------------------------------
+
+    def _request_kwargs(
+        self, model: str, messages: Sequence[ChatMessage], params: SamplingParams
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+        }
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
+        if self._optional_fields:
+            kwargs["stream_options"] = {"include_usage": True}
+            if self._extra_sampling:
+                # Understood by llama.cpp servers; vLLM ignores unknown fields.
+                kwargs["extra_body"] = {
+                    "top_k": params.top_k,
+                    "min_p": params.min_p,
+                    "repeat_penalty": params.repeat_penalty,
+                }
+        return kwargs
+
+    def scrub(self, text: str) -> str:
+        """Remove the key from ``text`` and keep it short enough for a chat message."""
+        key = self._key.reveal()
+        if key and len(key) >= 4:
+            text = text.replace(key, self.masked_key())
+        text = " ".join(text.split())
+        return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+    def map_error(self, exc: BaseException) -> RemoteError:
+        """Translate a client exception into a safe :class:`RemoteError`."""
+        name = self.name
+        if isinstance(exc, RemoteError):
+            return exc
+        if isinstance(exc, openai.APITimeoutError):
+            return EndpointUnavailable(f"endpoint {name}: timed out", endpoint=name)
+        if isinstance(exc, openai.APIConnectionError):
+            return EndpointUnavailable(f"endpoint {name}: cannot connect", endpoint=name)
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            detail = self.scrub(_status_detail(exc))
+            msg = f"endpoint {name}: HTTP {status}" + (f": {detail}" if detail else "")
+            if status in (401, 403):
+                return EndpointAuthError(
+                    f"endpoint {name}: HTTP {status}: the API key was refused",
+                    endpoint=name,
+                    status=status,
+                )
+            if status == 404:
+                return ModelNotServed(msg, endpoint=name, status=status)
+            if status in (408, 409, 425, 429) or status >= 500:
+                return EndpointUnavailable(msg, endpoint=name, status=status)
+            return RequestRejected(msg, endpoint=name, status=status)
+        if isinstance(exc, openai.OpenAIError):
+            return EndpointUnavailable(f"endpoint {name}: {self.scrub(str(exc))}", endpoint=name)
+        # Transport errors escaping the client mid-stream (httpx read errors etc.).
+        return EndpointUnavailable(
+            f"endpoint {name}: {type(exc).__name__}: {self.scrub(str(exc))}", endpoint=name
+        )
+
+
+_OPTIONAL_FIELD_HINTS = ("stream_options", "top_k", "min_p", "repeat_penalty", "extra", "unrecog")
+
+
+def _about_fields(exc: openai.APIStatusError) -> bool:
+    """Whether a 400/422 complains about fields (not, say, a prompt that is too long)."""
+    detail = (_status_detail(exc) or str(exc.body)).lower()
+    return any(hint in detail for hint in _OPTIONAL_FIELD_HINTS)
+
+
+def _status_detail(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            message = inner.get("message") or inner.get("detail")
+            if message:
+                return str(message)
+        elif isinstance(inner, str):
+            return inner
+    return ""
+
+
+class RemoteGeneration:
+    """One streamed chat completion against a :class:`RemoteEndpoint`."""
+
+    def __init__(
+        self,
+        endpoint: RemoteEndpoint,
+        model: str,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        session: str | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.session = session
+        self.stats = GenerationStats(model=model, backend=endpoint.name)
+        self._messages = list(messages)
+        self._params = params
+        self._stream: Any = None
+        self._closed = False
+        self._iter = self._run()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iter
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._iter.aclose()
+        await self._close_stream()
+        if self.stats.finish_reason is None:
+            self.stats.finish("cancelled")
+
+    async def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                await stream.close()
+            except Exception:  # closing a broken connection may fail again
+                log.debug("closing stream of %s failed", self.endpoint.name, exc_info=False)
+
+    async def _open(self) -> Any:
+        ep = self.endpoint
+        kwargs = ep._request_kwargs(self.stats.model, self._messages, self._params)
+        try:
+            return await ep._client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            if exc.status_code in (400, 422) and ep._optional_fields and _about_fields(exc):
+                # Some servers reject stream_options or unknown sampling fields.
+                log.info("endpoint %s rejected optional fields; retrying without", ep.name)
+                ep._optional_fields = False
+                kwargs = ep._request_kwargs(self.stats.model, self._messages, self._params)
+                try:
+                    return await ep._client.chat.completions.create(**kwargs)
+                except Exception as exc2:
+                    raise ep.map_error(exc2) from None
+            raise ep.map_error(exc) from None
+        except Exception as exc:
+            raise ep.map_error(exc) from None
+
+    async def _run(self) -> AsyncGenerator[str, None]:
+        ep, stats = self.endpoint, self.stats
+        got_text = False
+        finish: str | None = None
+        chunks = 0
+        try:
+            self._stream = await self._open()
+            try:
+                async for chunk in self._stream:
+                    usage = getattr(chunk, "usage", None)
+                    if usage is not None:
+                        _apply_usage(stats, usage)
+                    for choice in chunk.choices or ():
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+                        text = choice.delta.content if choice.delta else None
+                        if text:
+                            stats.mark_first_token()
+                            got_text = True
+                            chunks += 1
+                            yield text
+            except RemoteError:
+                raise
+            except Exception as exc:
+                err = ep.map_error(exc)
+                if got_text:
+                    raise StreamInterrupted(
+                        f"endpoint {ep.name}: stream broke after the reply started ({err})",
+                        endpoint=ep.name,
+                    ) from None
+                raise err from None
+            if finish is None:
+                err_msg = f"endpoint {ep.name}: stream ended without a finish reason"
+                if got_text:
+                    raise StreamInterrupted(err_msg, endpoint=ep.name)
+                raise EndpointUnavailable(err_msg, endpoint=ep.name)
+            if stats.completion_tokens == 0:
+                stats.completion_tokens = chunks  # no usage block: one token per chunk
+            stats.finish("length" if finish == "length" else "stop")
+        except (GeneratorExit, asyncio.CancelledError):
+            if stats.finish_reason is None:
+                stats.finish("cancelled")
+            raise
+        except BaseException:
+            if stats.finish_reason is None:
+                stats.finish("error")
+            raise
+        finally:
+            await self._close_stream()
+
+
+def _apply_usage(stats: GenerationStats, usage: Any) -> None:
+    stats.prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+    stats.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = int(getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
+    stats.cached_tokens = cached
+    stats.evaluated_tokens = max(0, stats.prompt_tokens - cached)
