@@ -81,6 +81,10 @@ class MessageStore:
         )
         return StoredMessage.from_row(row) if row else None
 
+    async def update_body(self, event_id: str, body: str) -> None:
+        """The final text of a message we edited while streaming."""
+        await self.db.execute("UPDATE messages SET body=$2 WHERE event_id=$1", event_id, body)
+
     async def mark_handled(self, event_id: str) -> None:
         await self.db.execute("UPDATE messages SET handled=true WHERE event_id=$1", event_id)
 

@@ -80,3 +80,28 @@ class Sender:
         if row is not None:
             await self.messages.insert(row)
         return str(event_id)
+
+    async def edit_text(
+        self,
+        intent: IntentAPI,
+        room_id: str,
+        event_id: str,
+        text: str,
+        *,
+        txn_id: str,
+        html: str | None = None,
+    ) -> str:
+        """Replace the text of ``event_id`` (m.replace); clients show the new content."""
+        content = TextMessageEventContent(msgtype=MessageType.TEXT, body=text)
+        if html:
+            content.format = "org.matrix.custom.html"  # type: ignore[assignment]
+            content.formatted_body = html
+        # mautrix serializes an edit with m.new_content and the "* " fallback body.
+        content.set_edit(event_id)  # type: ignore[arg-type]
+        edit_id = await intent.send_message_event(
+            room_id,  # type: ignore[arg-type]
+            EventType.ROOM_MESSAGE,
+            content,
+            txn_id=txn_id,
+        )
+        return str(edit_id)

@@ -24,13 +24,61 @@ async def test_persona_answers_a_dm_from_the_model(homeserver: Homeserver, bridg
         assert reply["origin_server_ts"] >= 0
 
     # Both sides of the exchange are stored, once each.
-    assert bridge.appservice is not None
+    assert bridge.appservice is not None and bridge.router is not None
+    await bridge.router.queues.drain()
     messages = bridge.appservice.messages
     stored_question = await messages.get(sent)
     stored_reply = await messages.get(reply["event_id"])
     assert stored_question is not None and stored_question.handled
     assert stored_reply is not None and stored_reply.persona == config.default_persona.name
-    assert await messages.count(room) == 2
+    rows = await messages.recent(room, 0, 100)
+    assert [m.event_id for m in rows if "m.relates_to" not in m.content] == [
+        sent,
+        reply["event_id"],
+    ]
+
+
+async def test_streamed_reply_is_one_event_plus_capped_edits(
+    homeserver: Homeserver, bridge: Bridge
+) -> None:
+    from dataclasses import replace
+
+    from hivebridge.config import RepliesConfig
+
+    assert bridge.router is not None
+    replies = bridge.router.replies
+    replies.config = replace(
+        replies.config,
+        replies=RepliesConfig(edit_interval_s=0.1, max_edits=2),
+        inference=replace(replies.config.inference, max_tokens=96),
+    )
+    persona = bridge.config.persona_mxid(bridge.config.default_persona.name)
+    async with await homeserver.human("streamer") as human:
+        room = await human.create_room([persona], direct=True)
+        await human.wait_for_members(room, {human.user_id, persona})
+        await human.send_text(room, "Tell me a long story about a dragon and a knight.")
+        first = await human.wait_for(room, from_user(persona), timeout=120)
+        await bridge.router.queues.drain()
+        assert bridge.appservice is not None
+        stored = await bridge.appservice.messages.get(first["event_id"])
+        assert stored is not None
+        if stored.body != first["content"]["body"]:  # it was edited: the last edit is whole
+            await human.wait_for(
+                room,
+                lambda e: e["content"].get("m.new_content", {}).get("body") == stored.body,
+                timeout=30,
+            )
+        await human.sync_once(500)
+        ours = [e for e in human.timeline[room] if from_user(persona)(e)]
+        edits = [
+            e for e in ours if e["content"].get("m.relates_to", {}).get("rel_type") == "m.replace"
+        ]
+        originals = [e for e in ours if e not in edits]
+        assert [e["event_id"] for e in originals] == [first["event_id"]]
+        assert all(e["content"]["m.relates_to"]["event_id"] == first["event_id"] for e in edits)
+        assert len(edits) <= 2 + 1  # the cap, plus the final edit
+        final = edits[-1]["content"]["m.new_content"]["body"] if edits else first["content"]["body"]
+        assert final == stored.body
 
 
 async def test_invite_from_outside_the_allowlist_is_refused(
@@ -51,9 +99,11 @@ async def test_invite_from_outside_the_allowlist_is_refused(
         room = await mallory.create_room([persona], direct=True)
         leave = await mallory.wait_for(
             room,
-            lambda e: e.get("type") == "m.room.member"
-            and e.get("state_key") == persona
-            and e["content"].get("membership") == "leave",
+            lambda e: (
+                e.get("type") == "m.room.member"
+                and e.get("state_key") == persona
+                and e["content"].get("membership") == "leave"
+            ),
             timeout=30,
         )
         assert leave["sender"] == persona

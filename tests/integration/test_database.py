@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,13 @@ async def test_txns_personas_rooms(db_url: str) -> None:
         assert await txns.is_processed("1")
 
         personas = PersonaStore(db)
-        p = Persona(name="ada", mxid="@hive_ada:x", displayname="Ada", system_prompt="Be Ada.",
-                    traits={"openness": 0.9})
+        p = Persona(
+            name="ada",
+            mxid="@hive_ada:x",
+            displayname="Ada",
+            system_prompt="Be Ada.",
+            traits={"openness": 0.9},
+        )
         assert await personas.insert(p)
         assert not await personas.insert(p)
         await personas.add_room("ada", "!r:x")
@@ -108,9 +114,12 @@ async def test_cli_migrate(db_url: str, tmp_path: Path) -> None:
         "homeserver:\n  address: http://127.0.0.1:8008\n  domain: example.org\n"
         f"database:\n  url: {db_url}\ndata_dir: {tmp_path}\n"
     )
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "hivebridge", "-c", str(cfg), "migrate"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     db = await open_database(db_url)
