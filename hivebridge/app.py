@@ -31,6 +31,7 @@ from .personas import PersonaDirectory, PersonaLifecycle
 from .registration import load_tokens
 from .replies import ReplyService
 from .roles import Roles
+from .web import WebServer
 
 log = logging.getLogger("hivebridge")
 
@@ -61,6 +62,7 @@ class Bridge:
         self.local: SerialLlamaBackend | None = None
         self.router: EventRouter | None = None
         self.personas: PersonaDirectory | None = None
+        self.web: WebServer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -93,7 +95,9 @@ class Bridge:
         rooms = RoomStore(db)
         sender = Sender(messages)
         self.roles = roles = Roles(config.permissions, TrustStore(db))
-        replies = ReplyService(config, personas, messages, rooms, sender, self._backend_for)
+        replies = ReplyService(
+            config, personas, messages, rooms, sender, self._backend_for, self.local.count_tokens
+        )
         self.commands = commands = CommandTable(prefix=config.routing.command_prefix)
         self.router = router = EventRouter(
             config, appservice, personas, messages, rooms, roles, commands, sender, replies
@@ -109,6 +113,9 @@ class Bridge:
         await personas.ensure_default()
         for msg in await messages.unhandled(int((time.time() - RESUME_MAX_AGE_S) * 1000)):
             self.router.resume(msg)
+        if config.metrics.enabled:
+            self.web = WebServer(None, hostname=config.metrics.hostname, port=config.metrics.port)
+            await self.web.start()
         appservice.ready = True
         await self._ping_homeserver()
         log.info(
@@ -135,6 +142,8 @@ class Bridge:
         return self.local
 
     async def stop(self) -> None:
+        if self.web is not None:
+            await self.web.stop()
         if self.router is not None:
             await self.router.queues.close()
         if self.appservice is not None:

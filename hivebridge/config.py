@@ -225,10 +225,50 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
-class AdminApiConfig:
-    """Health and admin HTTP API; disabled when no token is set."""
+class RepliesConfig:
+    """How replies appear in the room."""
 
+    #: Show the reply as it is generated: one message, edited in place.
+    streaming: bool = True
+    #: At most one edit per this many seconds ...
+    edit_interval_s: float = 1.5
+    #: ... and at most this many edits per message (then one final edit).
+    max_edits: int = 20
+    #: Show <think>…</think> reasoning (as a quote) instead of hiding it.
+    show_thinking: bool = False
+
+    def validate(self) -> None:
+        if self.edit_interval_s < 0.1:
+            raise ConfigError("replies.edit_interval_s", "must be at least 0.1")
+        if self.max_edits < 0:
+            raise ConfigError("replies.max_edits", "must not be negative")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus /metrics and the liveness probe."""
+
+    enabled: bool = True
+    hostname: str = "127.0.0.1"
+    port: int = 29334
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("metrics.port", "must be between 1 and 65535")
+
+
+@dataclass(frozen=True)
+class AdminApiConfig:
+    """Health and admin HTTP API; its /api/v1 routes are off while no token is set."""
+
+    #: Bearer token for /api/v1 (or HIVEBRIDGE_ADMIN_TOKEN).
     token: str | None = None
+    hostname: str = "127.0.0.1"
+    port: int = 29335
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("admin_api.port", "must be between 1 and 65535")
 
 
 @dataclass(frozen=True)
@@ -256,6 +296,8 @@ class Config:
     default_persona: PersonaConfig = field(default_factory=PersonaConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    replies: RepliesConfig = field(default_factory=RepliesConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Path the config was read from (not a YAML key).

@@ -22,6 +22,7 @@ from .config import (
     DatabaseConfig,
     HomeserverConfig,
     LoggingConfig,
+    MetricsConfig,
     PermissionsConfig,
 )
 from .devserver.client import HumanClient
@@ -42,6 +43,7 @@ def demo_config(workdir: Path, hs_url: str, as_port: int) -> Config:
             owners=(f"@alice:{SERVER_NAME}",), invite_allowlist=(f"*:{SERVER_NAME}",)
         ),
         logging=LoggingConfig(level="WARNING"),
+        metrics=MetricsConfig(port=free_port()),
     )
 
 

@@ -1,0 +1,319 @@
+"""Every Prometheus metric of hivebridge, in one place.
+
+Metrics live in a dedicated :data:`REGISTRY` (not prometheus-client's global one)
+so tests can read exactly what the bridge exports and nothing that a library
+registered. Names are a public interface — dashboards and alerts depend on
+them — so keep them stable and documented in docs/operations.md.
+
+Label values that come from users (persona names, model names, endpoint names)
+are unbounded, and every distinct value is a new time series held forever. Pass
+them through :func:`persona_label`, :func:`model_label` or :func:`endpoint_label`
+(or :func:`bounded` with a fixed set): past a cap they collapse into ``"other"``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection, Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = [
+    "OTHER",
+    "REGISTRY",
+    "LabelLimiter",
+    "bounded",
+    "endpoint_label",
+    "event_type_label",
+    "model_label",
+    "persona_label",
+    "reason_label",
+    "render",
+]
+
+#: The label value that every value beyond a cap is mapped to.
+OTHER = "other"
+#: Longer label values are cut; a label is an identifier, not a message.
+MAX_LABEL_LENGTH = 64
+
+
+class LabelLimiter:
+    """Admits the first ``limit`` distinct values of a label; later ones become ``"other"``.
+
+    First come, first served, so the series that exist never change their
+    meaning; ``preset`` values are always admitted and do not count to the cap.
+    Thread-safe because the llama.cpp worker threads record metrics too.
+    """
+
+    def __init__(self, limit: int, preset: Iterable[str] = ()) -> None:
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        self.limit = limit
+        self._preset = frozenset(preset)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: object) -> str:
+        text = _clean(value)
+        if text == OTHER or text in self._preset:
+            return text
+        with self._lock:
+            if text in self._seen:
+                return text
+            if len(self._seen) < self.limit:
+                self._seen.add(text)
+                return text
+        return OTHER
+
+    def __contains__(self, value: object) -> bool:
+        text = _clean(value)
+        return text in self._preset or text in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def reset(self) -> None:
+        """Forget admitted values (tests only: existing series keep their labels)."""
+        with self._lock:
+            self._seen.clear()
+
+
+def _clean(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text[:MAX_LABEL_LENGTH] or "none"
+
+
+def bounded(value: object, allowed: Collection[str] | LabelLimiter) -> str:
+    """``value`` if it is allowed (a fixed set, or a limiter with room left), else ``"other"``."""
+    if isinstance(allowed, LabelLimiter):
+        return allowed(value)
+    text = _clean(value)
+    return text if text in allowed else OTHER
+
+
+# Label limiters ---------------------------------------------------------------
+
+#: Personas with their own series; a big hive lumps the rest into "other".
+PERSONA_LABELS = LabelLimiter(50)
+#: Models (local GGUF files and remote model names).
+MODEL_LABELS = LabelLimiter(20)
+#: Remote OpenAI-compatible endpoints (their configured names, never URLs with keys).
+ENDPOINT_LABELS = LabelLimiter(20)
+#: Routing reasons: a small enum in code, capped in case a bug passes free text.
+REASON_LABELS = LabelLimiter(32)
+
+#: Event types with their own series; anything else a homeserver sends is "other".
+EVENT_TYPES: frozenset[str] = frozenset(
+    {
+        "m.room.message",
+        "m.room.member",
+        "m.room.redaction",
+        "m.reaction",
+        "m.room.encrypted",
+        "m.room.create",
+        "m.room.name",
+        "m.room.topic",
+        "m.room.power_levels",
+        "m.typing",
+        "m.receipt",
+        "m.presence",
+    }
+)
+#: Why a send to the homeserver failed.
+SEND_ERROR_KINDS: frozenset[str] = frozenset(
+    {"rate_limited", "forbidden", "not_found", "http", "network", "timeout"}
+)
+#: Why a remote endpoint call failed.
+ENDPOINT_ERROR_KINDS: frozenset[str] = frozenset(
+    {"timeout", "connect", "http_4xx", "http_5xx", "rate_limited", "auth", "bad_response"}
+)
+#: Which limit refused a request.
+RATE_LIMIT_SCOPES: frozenset[str] = frozenset(
+    {"user", "room", "persona", "daily_budget", "turn_cap", "global"}
+)
+
+
+def persona_label(name: object) -> str:
+    return PERSONA_LABELS(name)
+
+
+def model_label(name: object) -> str:
+    return MODEL_LABELS(name)
+
+
+def endpoint_label(name: object) -> str:
+    return ENDPOINT_LABELS(name)
+
+
+def reason_label(reason: object) -> str:
+    return REASON_LABELS(reason)
+
+
+def event_type_label(event_type: object) -> str:
+    return bounded(event_type, EVENT_TYPES)
+
+
+# The registry -----------------------------------------------------------------
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Seconds, for latencies users feel (queueing, first token, whole generations).
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+#: Seconds, for loading a model from disk (small GGUF: under a second; 70B: minutes).
+_LOAD_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+# Matrix side ------------------------------------------------------------------
+
+MATRIX_TRANSACTIONS = Counter(
+    "hivebridge_matrix_transactions",
+    "Appservice transactions pushed by the homeserver (duplicates counted as such).",
+    ["outcome"],  # new | duplicate | rejected
+    registry=REGISTRY,
+)
+MATRIX_EVENTS = Counter(
+    "hivebridge_matrix_events",
+    "Events received in appservice transactions, by event type.",
+    ["type"],
+    registry=REGISTRY,
+)
+MATRIX_REPLIES_SENT = Counter(
+    "hivebridge_matrix_replies_sent",
+    "Persona replies sent to Matrix (first message of each answer).",
+    ["persona"],
+    registry=REGISTRY,
+)
+MATRIX_EDITS_SENT = Counter(
+    "hivebridge_matrix_edits_sent",
+    "m.replace edits sent while streaming or finishing a reply.",
+    ["persona"],
+    registry=REGISTRY,
+)
+MATRIX_SEND_ERRORS = Counter(
+    "hivebridge_matrix_send_errors",
+    "Failed sends to the homeserver, by kind of failure.",
+    ["kind"],
+    registry=REGISTRY,
+)
+HOMESERVER_RATE_LIMITED = Counter(
+    "hivebridge_homeserver_rate_limited",
+    "HTTP 429 (M_LIMIT_EXCEEDED) answers from the homeserver.",
+    registry=REGISTRY,
+)
+
+# Routing ----------------------------------------------------------------------
+
+ROUTING_DECISIONS = Counter(
+    "hivebridge_routing_decisions",
+    "Per-persona dispatch decisions on incoming messages, by answer and reason.",
+    ["answer", "reason"],  # answer: yes | no
+    registry=REGISTRY,
+)
+ROUTING_PINGPONG_SUPPRESSED = Counter(
+    "hivebridge_routing_pingpong_suppressed",
+    "Persona turns suppressed because bots were answering each other in a loop.",
+    ["persona"],
+    registry=REGISTRY,
+)
+ROUTING_RATE_LIMITED = Counter(
+    "hivebridge_routing_rate_limited",
+    "Requests refused by the bridge's own rate limits or budgets, by scope.",
+    ["scope"],
+    registry=REGISTRY,
+)
+
+# Inference --------------------------------------------------------------------
+
+INFERENCE_QUEUE_DEPTH = Gauge(
+    "hivebridge_inference_queue_depth",
+    "Generation requests waiting for a slot, per model.",
+    ["model"],
+    registry=REGISTRY,
+)
+INFERENCE_QUEUE_WAIT = Histogram(
+    "hivebridge_inference_queue_wait_seconds",
+    "Time a request waited in the queue before its generation started.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INFERENCE_TIME_TO_FIRST_TOKEN = Histogram(
+    "hivebridge_inference_time_to_first_token_seconds",
+    "From the start of a generation (after queueing) to its first token.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INFERENCE_GENERATION_DURATION = Histogram(
+    "hivebridge_inference_generation_seconds",
+    "Wall time of whole generations (first to last token included).",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INFERENCE_COMPLETION_TOKENS = Counter(
+    "hivebridge_inference_completion_tokens",
+    "Tokens generated; rate() of it over generation time gives tokens per second.",
+    ["model"],
+    registry=REGISTRY,
+)
+INFERENCE_PROMPT_TOKENS_EVALUATED = Counter(
+    "hivebridge_inference_prompt_tokens_evaluated",
+    "Prompt tokens the engine had to evaluate (not found in the KV cache).",
+    ["model"],
+    registry=REGISTRY,
+)
+INFERENCE_PROMPT_TOKENS_REUSED = Counter(
+    "hivebridge_inference_prompt_tokens_reused",
+    "Prompt tokens served from a cached KV prefix instead of being evaluated.",
+    ["model"],
+    registry=REGISTRY,
+)
+INFERENCE_ACTIVE_SEQUENCES = Gauge(
+    "hivebridge_inference_active_sequences",
+    "KV cache sequences resident in the local engine (rooms and pinned prefixes).",
+    ["model"],
+    registry=REGISTRY,
+)
+MODEL_LOAD_DURATION = Histogram(
+    "hivebridge_model_load_seconds",
+    "Time to load a model into memory.",
+    ["model"],
+    buckets=_LOAD_BUCKETS,
+    registry=REGISTRY,
+)
+MODEL_LOADED = Gauge(
+    "hivebridge_model_loaded",
+    "1 while a model is loaded and ready, 0 otherwise.",
+    ["model"],
+    registry=REGISTRY,
+)
+MODEL_MEMORY_BYTES = Gauge(
+    "hivebridge_model_memory_bytes",
+    "Memory held by a loaded model: weights plus KV cache and compute buffers.",
+    ["model"],
+    registry=REGISTRY,
+)
+ENDPOINT_ERRORS = Counter(
+    "hivebridge_endpoint_errors",
+    "Failed calls to a remote OpenAI-compatible endpoint, by kind.",
+    ["endpoint", "kind"],
+    registry=REGISTRY,
+)
+ENDPOINT_FAILOVERS = Counter(
+    "hivebridge_endpoint_failovers",
+    "Requests moved off an endpoint to the next one in line (label: the one left).",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The registry in Prometheus text format, and the Content-Type to serve it with."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
