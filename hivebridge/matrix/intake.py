@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from mautrix.appservice import AppService
@@ -151,7 +151,7 @@ class Intake(AppService):
             if not isinstance(raw, dict):
                 continue
             try:
-                self._fix_prev_content(raw)
+                self._fix_prev_content(cast(Any, raw))
                 event = Event.deserialize(raw)
             except Exception:  # malformed input must never stop the transaction
                 log.warning("skipping an event that does not deserialize")
