@@ -13,7 +13,21 @@ from hivebridge.db.personas import Persona, PersonaStore
 from hivebridge.db.rooms import RoomStore
 from hivebridge.db.txns import TxnStore
 
-TABLES = {"personas", "persona_rooms", "rooms", "messages", "processed_txns", "trusted_users"}
+TABLES = {
+    "personas",
+    "persona_rooms",
+    "rooms",
+    "messages",
+    "processed_txns",
+    "trusted_users",
+    "models",
+    "aliases",
+    "endpoints",
+    "usage",
+    "rate_limits",
+    "summaries",
+    "reply_jobs",
+}
 
 
 def message(event_id: str, ts: int = 1, room: str = "!r:x") -> StoredMessage:
@@ -36,7 +50,7 @@ async def test_migrations_create_schema_and_mautrix_keeps_its_own(db_url: str) -
         for table in TABLES | {"hivebridge_alembic_version"}:
             assert await db.table_exists(table), table
         version = await db.fetchval("SELECT version_num FROM hivebridge_alembic_version")
-        assert version == "0002"
+        assert version == "0003"
     finally:
         await db.stop()
     # Running again on a migrated database is a no-op, not an error.
