@@ -71,9 +71,11 @@ class Intake(AppService):
         messages: MessageStore,
         txns: TxnStore,
         on_event: EventSink,
+        is_own_user: Callable[[str], bool] = lambda _: True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._is_own = is_own_user
         self.messages = messages
         self.txns = txns
         self._on_event = on_event
@@ -130,37 +132,42 @@ class Intake(AppService):
             log.debug("transaction %s already processed", txn_id)
             return
         fresh: dict[str, StoredMessage] = {}
+        rows = [r for raw in events if isinstance(raw, dict) and (r := stored_from_event(raw))]
         conn: LoggingConnection
         async with self.messages.db.acquire() as conn, conn.transaction():
-            for raw in events:
-                if not isinstance(raw, dict):
-                    continue
-                row = stored_from_event(raw)
-                if row is None:
-                    continue
-                if await self.messages.insert(row, conn):
+            new = await self.messages.insert_many(rows, conn)
+            for row in rows:
+                if row.event_id in new:
                     fresh[row.event_id] = row
-                else:
+                elif self._is_own(row.sender):
                     # Our own sends are stored by the sender before the echo arrives;
                     # they still need routing once (personas address each other).
                     known = await self.messages.get(row.event_id, conn)
                     if known is not None and known.persona and not known.handled:
                         fresh[row.event_id] = known
             await self.txns.mark_processed(txn_id, conn)
+        # The transaction is committed: from here on one bad event must not fail it
+        # (a 500 would make the homeserver retry a transaction we already took).
         for raw in events:
-            if not isinstance(raw, dict):
-                continue
             try:
-                self._fix_prev_content(cast(Any, raw))
-                event = Event.deserialize(raw)
-            except Exception:  # malformed input must never stop the transaction
-                log.warning("skipping an event that does not deserialize")
-                continue
-            if getattr(event, "state_key", None) is not None:
-                event.type = event.type.with_class(EventType.Class.STATE)
-                await self.state_store.update_state(event)
-            else:
-                event.type = event.type.with_class(EventType.Class.MESSAGE)
-            result = self._on_event(event, fresh.get(str(getattr(event, "event_id", ""))))
-            if result is not None:
-                await result
+                await self._deliver(raw, fresh)
+            except Exception as e:
+                log.warning("skipping an event that could not be handled: %s", type(e).__name__)
+
+    async def _deliver(self, raw: Any, fresh: dict[str, StoredMessage]) -> None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            return
+        if not isinstance(raw.get("room_id"), str):
+            return
+        self._fix_prev_content(cast(Any, raw))
+        event = Event.deserialize(raw)
+        if event.type is None:
+            return
+        if getattr(event, "state_key", None) is not None:
+            event.type = event.type.with_class(EventType.Class.STATE)
+            await self.state_store.update_state(event)
+        else:
+            event.type = event.type.with_class(EventType.Class.MESSAGE)
+        result = self._on_event(event, fresh.get(str(getattr(event, "event_id", ""))))
+        if result is not None:
+            await result
