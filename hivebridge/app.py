@@ -10,27 +10,38 @@ from pathlib import Path
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.util.async_db import Database
 
+from .catalogue import ModelCatalogue, local_model_name, scan_local_models
 from .commands.base import CommandTable
+from .commands.context import ContextCommands
+from .commands.models import ModelCommands, resolve_key
 from .commands.personas import PersonaCommands
 from .commands.rooms import RoomCommands
+from .commands.stats import StatsCommands
 from .commands.trust import TrustCommands
 from .config import Config, ConfigError
 from .db import open_database
-from .db.messages import MessageStore
+from .db.catalogue import CatalogueStore
+from .db.endpoints import EndpointStore
+from .db.messages import MessageStore, StoredMessage
 from .db.personas import Persona, PersonaStore
 from .db.rooms import RoomStore
+from .db.summaries import SummaryStore
 from .db.trust import TrustStore
 from .db.txns import TxnStore
+from .db.usage import RateLimitStore, UsageStore
 from .events import EventRouter
 from .inference.bundled import bundled_model_path
+from .inference.router import InferenceRouter
 from .inference.serial import SerialLlamaBackend
-from .inference.types import Backend
+from .inference.types import Backend, GenerationStats
+from .limits import Limits
 from .matrix.intake import Intake
 from .matrix.sender import Sender
 from .personas import PersonaDirectory, PersonaLifecycle
 from .registration import load_tokens
 from .replies import ReplyService
 from .roles import Roles
+from .summaries import Summarizer
 from .web import WebServer
 
 log = logging.getLogger("hivebridge")
@@ -63,6 +74,10 @@ class Bridge:
         self.router: EventRouter | None = None
         self.personas: PersonaDirectory | None = None
         self.web: WebServer | None = None
+        self.summarizer: Summarizer | None = None
+        self.inference: InferenceRouter | None = None
+        self.catalogue: ModelCatalogue | None = None
+        self.limits: Limits | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -75,6 +90,7 @@ class Bridge:
             messages=messages,
             txns=TxnStore(db),
             on_event=self._on_event,
+            is_own_user=self._is_own_user,
             server=config.homeserver.address,
             domain=config.homeserver.domain,
             as_token=as_token,
@@ -95,8 +111,16 @@ class Bridge:
         rooms = RoomStore(db)
         sender = Sender(messages)
         self.roles = roles = Roles(config.permissions, TrustStore(db))
+        self.summarizer = Summarizer(config, SummaryStore(db), self.local.count_tokens)
         replies = ReplyService(
-            config, personas, messages, rooms, sender, self._backend_for, self.local.count_tokens
+            config,
+            personas,
+            messages,
+            rooms,
+            sender,
+            self._backend_for,
+            self.local.count_tokens,
+            summarizer=self.summarizer,
         )
         self.commands = commands = CommandTable(prefix=config.routing.command_prefix)
         self.router = router = EventRouter(
@@ -105,8 +129,12 @@ class Bridge:
         RoomCommands(rooms, commands, router.forget_room).register(commands)
         PersonaCommands(personas, self.lifecycle).register(commands)
         TrustCommands(roles).register(commands)
+        ContextCommands(replies, rooms, messages, personas, router.joined_members).register(
+            commands
+        )
         await personas.load()
         await roles.load()
+        await self._start_models(db, commands, replies, router)
         await appservice.start(config.appservice.hostname, config.appservice.port)
         await appservice.intent.ensure_registered()
         await appservice.intent.set_displayname(config.appservice.bot_displayname)
@@ -137,7 +165,76 @@ class Bridge:
         assert self.router is not None
         self.router.on_event(event, stored)  # type: ignore[arg-type]
 
+    async def _start_models(
+        self, db: Database, commands: CommandTable, replies: ReplyService, router: EventRouter
+    ) -> None:
+        """Router (endpoints from config and database, local fallback), catalogue, limits."""
+        config, local = self.config, self.local
+        assert local is not None and self.roles is not None
+        model_path = resolve_model_path(config)
+        local_name = local_model_name(model_path)
+        fallback = config.inference.fallback_model
+        if fallback and fallback != local_name:
+            raise ConfigError(
+                "inference.fallback_model", f"only the loaded local model ({local_name}) can be it"
+            )
+        self.inference = inference = InferenceRouter(
+            fallback=local, default_model=config.inference.default_model or local_name
+        )
+        stored = EndpointStore(db)
+        added = [(e.name, e.url, e.resolved_key()) for e in config.endpoints]
+        added += [(e.name, e.url, resolve_key(e.api_key)) for e in await stored.all()]
+        await asyncio.gather(*(inference.add_endpoint(n, u, k) for n, u, k in added))
+        self.catalogue = catalogue = ModelCatalogue(
+            CatalogueStore(db),
+            inference,
+            scan_local=lambda: scan_local_models(model_path, config.inference.local.model_dirs),
+            loaded={local_name: local},
+        )
+        await catalogue.load()
+        inference.start()
+        usage = UsageStore(db)
+        self.limits = limits = Limits(config.limits, usage, RateLimitStore(db), self.roles.role_of)
+        await limits.load()
+        router.limits = limits
+        replies.on_usage = self._record_reply
+        ModelCommands(
+            config,
+            catalogue,
+            inference,
+            stored,
+            limits,
+            local.count_tokens,
+            config_endpoints=[e.name for e in config.endpoints],
+        ).register(commands)
+        StatsCommands(usage, config.bot_mxid).register(commands)
+
+    async def _record_reply(
+        self, persona: Persona, msg: StoredMessage, stats: GenerationStats
+    ) -> None:
+        assert self.limits is not None
+        await self.limits.record(
+            user=msg.sender,
+            room_id=msg.room_id,
+            persona=persona.name,
+            model=self.catalogue.model_of(stats, persona.model or "?")
+            if self.catalogue is not None
+            else stats.model,
+            kind="reply",
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+        )
+
+    def _is_own_user(self, mxid: str) -> bool:
+        return self.personas is not None and self.personas.is_ours(mxid)
+
     def _backend_for(self, persona: Persona) -> Backend:
+        if self.catalogue is not None:
+            ref = persona.model or self.config.inference.default_model
+            if ref:
+                return self.catalogue.backend_for(ref)
+            assert self.inference is not None and self.inference.default_model is not None
+            return self.catalogue.backend_for(self.inference.default_model)
         assert self.local is not None
         return self.local
 
@@ -145,7 +242,11 @@ class Bridge:
         if self.web is not None:
             await self.web.stop()
         if self.router is not None:
-            await self.router.queues.close()
+            await self.router.close()
+        if self.summarizer is not None:
+            await self.summarizer.close()
+        if self.inference is not None:
+            await self.inference.aclose()
         if self.appservice is not None:
             await self.appservice.stop()
         if self.local is not None:

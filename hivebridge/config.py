@@ -182,6 +182,8 @@ class InferenceConfig:
     top_p: float = 0.95
     #: Tokens of conversation history put into a prompt.
     context_tokens: int = 1536
+    #: Local model that answers when no endpoint can; empty means the loaded local model.
+    fallback_model: str | None = None
     local: LocalInferenceConfig = field(default_factory=LocalInferenceConfig)
 
     def validate(self) -> None:
@@ -194,6 +196,65 @@ class InferenceConfig:
         if self.context_tokens < 64:
             raise ConfigError("inference.context_tokens", "must be at least 64")
         self.local.validate()
+
+
+_ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """A remote OpenAI-compatible endpoint known at start (not stored in the database)."""
+
+    #: Short name used in !endpoints and failover notes: a-z 0-9 _ . - (1-32).
+    name: str
+    #: Base URL of the OpenAI API, e.g. http://gpu1:8000/v1.
+    url: str
+    #: API key; better kept out of the file with api_key_env.
+    api_key: str | None = field(default=None, repr=False)
+    #: Name of an environment variable holding the API key (wins over api_key).
+    api_key_env: str | None = None
+
+    def validate(self, where: str = "endpoints") -> None:
+        if not _ENDPOINT_NAME_RE.match(self.name):
+            raise ConfigError(f"{where}.name", "use 1-32 of a-z 0-9 _ . - (starting a-z 0-9)")
+        if not re.match(r"^https?://[^\s/]+", self.url):
+            raise ConfigError(f"{where}.url", "must start with http:// or https://")
+        if self.api_key_env is not None and not _ENV_NAME_RE.match(self.api_key_env):
+            raise ConfigError(f"{where}.api_key_env", "not an environment variable name")
+
+    def resolved_key(self, env: typing.Mapping[str, str] | None = None) -> str | None:
+        """The key to send: from ``api_key_env`` when that variable is set, else ``api_key``."""
+        env = os.environ if env is None else env
+        if self.api_key_env and env.get(self.api_key_env):
+            return env[self.api_key_env]
+        return self.api_key
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-user request rates and daily token budgets, so one user cannot starve the rest."""
+
+    #: Requests (persona replies and !ask) per user per minute; 0 turns the limit off.
+    requests_per_minute: float = 10.0
+    #: Requests a user may make in a quick burst; empty means requests_per_minute.
+    burst: int | None = None
+    #: Tokens (prompt + completion) per UTC day; empty or 0 means unlimited.
+    user_tokens_per_day: int | None = None
+    room_tokens_per_day: int | None = None
+    persona_tokens_per_day: int | None = None
+    #: Owners are never limited.
+    exempt_owners: bool = True
+
+    def validate(self) -> None:
+        if self.requests_per_minute < 0:
+            raise ConfigError("limits.requests_per_minute", "must be 0 (off) or more")
+        if self.burst is not None and self.burst < 1:
+            raise ConfigError("limits.burst", "must be at least 1")
+        for name in ("user_tokens_per_day", "room_tokens_per_day", "persona_tokens_per_day"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"limits.{name}", "must be 0 (unlimited) or more")
 
 
 @dataclass(frozen=True)
@@ -242,6 +303,36 @@ class RepliesConfig:
             raise ConfigError("replies.edit_interval_s", "must be at least 0.1")
         if self.max_edits < 0:
             raise ConfigError("replies.max_edits", "must not be negative")
+
+
+@dataclass(frozen=True)
+class SummariesConfig:
+    """Chapter summaries: history that outgrew the prompt, folded into a summary.
+
+    The persona's own model writes it in the background after a reply, so a
+    long conversation keeps its early facts in a few tokens of the system
+    block. The summary changes that block only when a new chapter is written,
+    which keeps the local engine's KV prefix warm in between.
+    """
+
+    enabled: bool = True
+    #: Summarize once this many turns have fallen out of the prompt window;
+    #: fewer means more frequent summaries (each one a full prefill).
+    min_dropped_turns: int = 8
+    #: Longest summary, in tokens (the completion limit of a summary request).
+    max_tokens: int = 192
+    #: Transcript tokens one summary request may hold (previous summary and
+    #: instruction included); 0 means inference.context_tokens. Turns beyond
+    #: it wait for the next chapter.
+    input_tokens: int = 0
+
+    def validate(self) -> None:
+        if self.min_dropped_turns < 1:
+            raise ConfigError("summaries.min_dropped_turns", "must be at least 1")
+        if self.max_tokens < 16:
+            raise ConfigError("summaries.max_tokens", "must be at least 16")
+        if self.input_tokens != 0 and self.input_tokens < 64:
+            raise ConfigError("summaries.input_tokens", "must be 0 (auto) or at least 64")
 
 
 @dataclass(frozen=True)
@@ -295,8 +386,12 @@ class Config:
     permissions: PermissionsConfig = field(default_factory=PermissionsConfig)
     default_persona: PersonaConfig = field(default_factory=PersonaConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    #: Remote endpoints known at start; more are added with !add_endpoint.
+    endpoints: tuple[EndpointConfig, ...] = ()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     replies: RepliesConfig = field(default_factory=RepliesConfig)
+    summaries: SummariesConfig = field(default_factory=SummariesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -308,6 +403,12 @@ class Config:
             value = getattr(self, f.name)
             if is_dataclass(value) and hasattr(value, "validate"):
                 value.validate()
+        seen: set[str] = set()
+        for i, endpoint in enumerate(self.endpoints):
+            endpoint.validate(f"endpoints[{i}]")
+            if endpoint.name in seen:
+                raise ConfigError(f"endpoints[{i}].name", f"{endpoint.name!r} is used twice")
+            seen.add(endpoint.name)
 
     # Derived values -----------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -13,7 +14,9 @@ from mautrix.types import Event, EventType, Membership, MemberStateEventContent,
 from .commands.base import CommandContext, CommandTable
 from .config import Config
 from .db.messages import MessageStore, StoredMessage
+from .db.personas import Persona
 from .db.rooms import RoomStore
+from .limits import Limits
 from .matrix.room_queues import RoomQueues
 from .matrix.sender import Sender, stable_txn_id
 from .permissions import matches
@@ -73,7 +76,13 @@ class EventRouter:
             max_turns_per_minute=r.max_persona_turns_per_minute,
         )
         self._threads: dict[str, dict[tuple[str, str], None]] = defaultdict(dict)
+        # Joined members per room, dropped whenever a membership event arrives.
+        self._members: dict[str, list[str]] = {}
+        self.handled = HandledMarks(messages)
         self.queues: RoomQueues[RoomWork] = RoomQueues(self._handle)
+        #: Request rates and token budgets checked before a persona answers; None: off.
+        self.limits: Limits | None = None
+        self._limit_charged: dict[str, str] = {}  # room -> event whose request was counted
 
     # Intake side ----------------------------------------------------------------------
 
@@ -82,6 +91,7 @@ class EventRouter:
         if not room_id:
             return
         if event.type == EventType.ROOM_MEMBER:
+            self._members.pop(room_id, None)
             self.queues.push(room_id, RoomWork(event=event))
         elif stored is not None:
             self.queues.push(room_id, RoomWork(message=stored))
@@ -102,7 +112,16 @@ class EventRouter:
             try:
                 await self._on_message(room_id, work.message)
             finally:
-                await self.messages.mark_handled(work.message.event_id)
+                self.handled.add(work.message.event_id)
+
+    async def drain(self) -> None:
+        """Wait until everything queued is handled and marked so in the database."""
+        await self.queues.drain()
+        await self.handled.flush()
+
+    async def close(self) -> None:
+        await self.queues.close()
+        await self.handled.flush()
 
     # Membership -------------------------------------------------------------------------
 
@@ -138,6 +157,7 @@ class EventRouter:
         await intent.join_room_by_id(room_id)  # type: ignore[arg-type]
         # Fetch the member list once, so room size is known before the first message.
         await intent.get_joined_members(room_id)  # type: ignore[arg-type]
+        self._members.pop(room_id, None)
         if persona is not None:
             await self.personas.store.add_room(persona.name, room_id)
         log.info("%s joined on invite from %s", target, inviter, extra={"room_id": room_id})
@@ -163,11 +183,15 @@ class EventRouter:
         self.forget_room(room_id)
 
     async def joined_members(self, room_id: str) -> list[str]:
+        cached = self._members.get(room_id)
+        if cached is not None:
+            return cached
         members = await self.appservice.state_store.get_members(
             room_id,  # type: ignore[arg-type]
             memberships=(Membership.JOIN,),
         )
-        return [str(m) for m in members]
+        self._members[room_id] = result = [str(m) for m in members]
+        return result
 
     # Messages ---------------------------------------------------------------------------
 
@@ -177,8 +201,7 @@ class EventRouter:
         members = await self.joined_members(room_id)
         is_ours = self.personas.is_ours(msg.sender)
         if not is_ours and self.commands.is_command(msg.body):
-            if self.personas.bot_mxid in members:
-                await self._run_command(room_id, msg)
+            await self._run_command(room_id, msg, members)
             return  # commands are the bot's; personas never answer them
         now = time.time()
         verdict = self.loop_guard.observe(room_id, msg.sender, now, is_bot=is_ours)
@@ -205,15 +228,56 @@ class EventRouter:
             if guard is not GuardVerdict.ALLOW:
                 log.info("%s suppressed: %s", persona.name, guard, extra={"room_id": room_id})
                 continue
+            if not await self._within_limits(room_id, msg, members, persona, is_ours):
+                continue
             bounce = next_bounce_limit(
                 view.bounce_limit if is_ours else None, self.config.routing.bounce_limit
             )
             await self.replies.reply(persona, msg, bounce, group=len(members) > 2)
 
-    async def _run_command(self, room_id: str, msg: StoredMessage) -> None:
+    async def _within_limits(
+        self, room_id: str, msg: StoredMessage, members: list[str], persona: Persona, is_ours: bool
+    ) -> bool:
+        """Rate and budgets (hivebridge/limits.py); over a limit, one notice, then quiet.
+
+        One message costs its sender one request however many personas answer it.
+        """
+        if self.limits is None:
+            return True
+        spend = self._limit_charged.get(room_id) != msg.event_id
+        verdict = await self.limits.check(
+            None if is_ours else msg.sender, room_id, persona.name, spend=spend
+        )
+        self._limit_charged[room_id] = msg.event_id
+        if verdict.allowed:
+            return True
+        log.info("%s over a limit", msg.sender, extra={"room_id": room_id})
+        if verdict.notify:
+            intent = self.appservice.intent
+            if self.personas.bot_mxid not in members:
+                intent = self.personas.intent(persona)
+            await self.sender.send_text(
+                intent,
+                room_id,
+                verdict.message,
+                txn_id=stable_txn_id(msg.event_id, "limit"),
+                notice=True,
+            )
+        return False
+
+    async def _run_command(self, room_id: str, msg: StoredMessage, members: list[str]) -> None:
+        """Run a command; the bot answers, or in a room without the bot (a DM with a
+        persona) the persona there answers for it, so !reset works in a DM too."""
+        intent = self.appservice.intent
+        if self.personas.bot_mxid not in members:
+            personas = [p for m in members if (p := self.personas.get(m)) is not None]
+            if not personas:
+                return
+            intent = self.personas.intent(personas[0])
+
         async def reply(text: str) -> None:
             await self.sender.send_text(
-                self.appservice.intent,
+                intent,
                 room_id,
                 text,
                 txn_id=stable_txn_id(msg.event_id, "command", text[:64]),
@@ -271,3 +335,33 @@ class EventRouter:
         threads[pair] = None
         while len(threads) > MAX_THREADS_PER_ROOM:
             del threads[next(iter(threads))]
+
+
+class HandledMarks:
+    """Marks routed messages as handled in batches.
+
+    One UPDATE per message would cost a database round trip each; marks are
+    flushed together a moment later instead. A crash in that moment re-routes
+    a few messages at start, which replies tolerate: they are sent with stable
+    transaction ids.
+    """
+
+    def __init__(self, messages: MessageStore, delay: float = 0.05) -> None:
+        self.messages = messages
+        self.delay = delay
+        self._pending: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, event_id: str) -> None:
+        self._pending.append(event_id)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._later())
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self.delay)
+        await self.flush()
+
+    async def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await self.messages.mark_handled_many(batch)

@@ -11,20 +11,42 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from mautrix.appservice import IntentAPI
 
 from .config import Config
-from .conversation import EditThrottle, Turn, build_prompt, markdown_to_html, strip_think
+from .conversation import (
+    EditThrottle,
+    Prompt,
+    Turn,
+    apply_reset,
+    build_prompt,
+    markdown_to_html,
+    select_turns,
+    strip_think,
+    summary_due,
+)
 from .db.messages import MessageStore, StoredMessage
 from .db.personas import Persona
 from .db.rooms import RoomStore
-from .inference.types import Backend, ChatMessage, InferenceError, SamplingParams
+from .db.summaries import ROOM, ChapterSummary
+from .inference.types import (
+    Backend,
+    ChatMessage,
+    GenerationStats,
+    InferenceError,
+    SamplingParams,
+)
 from .matrix.sender import BOUNCE_LIMIT_KEY, Sender, stable_txn_id
 from .personas import PersonaDirectory
+from .summaries import Summarizer
 
 log = logging.getLogger("hivebridge.replies")
+
+#: ``on_usage(persona, message answered, stats)``: record what a reply cost.
+UsageHook = Callable[[Persona, StoredMessage, GenerationStats], Awaitable[None]]
 
 #: Stored messages considered for a prompt before the token budget trims them.
 HISTORY_WINDOW = 200
@@ -33,6 +55,15 @@ HISTORY_WINDOW = 200
 def _is_edit(m: StoredMessage) -> bool:
     relates = m.content.get("m.relates_to")
     return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
+
+
+@dataclass(frozen=True, slots=True)
+class Chapter:
+    """What a prompt's history is: the chapter summary (if any) and the turns after it."""
+
+    key: str  # summary key: '' for the room, the thread root in thread mode
+    summary: ChapterSummary | None
+    turns: list[Turn]  # oldest first, since the last !reset and after the summary
 
 
 class ReplyService:
@@ -45,6 +76,7 @@ class ReplyService:
         sender: Sender,
         backend_for: Callable[[Persona], Backend],
         count_tokens: Callable[[str], int],
+        summarizer: Summarizer | None = None,
     ) -> None:
         self.config = config
         self.personas = personas
@@ -53,6 +85,12 @@ class ReplyService:
         self.sender = sender
         self.backend_for = backend_for
         self.count_tokens = functools.lru_cache(maxsize=4096)(count_tokens)
+        #: Chapter summaries (read for prompts, written after replies); None: none.
+        self.summarizer = summarizer
+        #: The last streamed reply, for its timings (first visible text, edits).
+        self.last_reply: LiveReply | None = None
+        #: Called after each answered reply with its cost (usage table, budgets); None: off.
+        self.on_usage: UsageHook | None = None
 
     def sampling(self) -> SamplingParams:
         inf = self.config.inference
@@ -72,33 +110,84 @@ class ReplyService:
     async def build_prompt(
         self, persona: Persona, msg: StoredMessage, *, group: bool
     ) -> list[ChatMessage]:
-        """System prompt + stored history since the last !reset + the new message."""
-        settings = await self.rooms.get(msg.room_id)
-        history = await self.messages.recent(msg.room_id, settings.context_since, HISTORY_WINDOW)
-        turns: list[Turn] = []
-        for m in history:
-            if m.msgtype == "m.notice" or not m.body or _is_edit(m) or m.ts > msg.ts:
-                continue
-            if m.body.startswith(self.config.routing.command_prefix) and not m.persona:
-                continue  # commands are for the bot, not conversation
-            turns.append(await self._turn(persona, m))
-        prompt = build_prompt(
+        """System prompt (+ chapter summary) + the chapter's turns + the new message."""
+        prompt, _ = await self.prompt_for(persona, msg, group=group)
+        return prompt.messages
+
+    async def prompt_for(
+        self, persona: Persona, msg: StoredMessage, *, group: bool
+    ) -> tuple[Prompt, Chapter]:
+        """The prompt for a reply to ``msg``, with the chapter it was built from."""
+        chapter = await self.chapter(msg.room_id, msg.thread_root, persona, before_ts=msg.ts)
+        return self._build(persona, chapter, await self._turn(persona, msg), group), chapter
+
+    async def next_prompt(
+        self, persona: Persona, room_id: str, thread_root: str | None, *, group: bool
+    ) -> tuple[Prompt, Chapter]:
+        """The prompt the next message would get, with an empty new message (!context)."""
+        chapter = await self.chapter(room_id, thread_root, persona)
+        empty = Turn("", "", "", False, "", 0, thread_root)
+        return self._build(persona, chapter, empty, group), chapter
+
+    def _build(self, persona: Persona, chapter: Chapter, new: Turn, group: bool) -> Prompt:
+        return build_prompt(
             persona.system_prompt,
-            None,
-            [t for t in turns if t.event_id != msg.event_id],
-            await self._turn(persona, msg),
+            chapter.summary.summary if chapter.summary else None,
+            chapter.turns,
+            new,
             is_group=group,
             budget=self.config.inference.context_tokens,
             count_tokens=self.count_tokens,
         )
-        return prompt.messages
 
-    async def _turn(self, persona: Persona, m: StoredMessage) -> Turn:
+    async def chapter(
+        self,
+        room_id: str,
+        thread_root: str | None,
+        persona: Persona | None,
+        *,
+        before_ts: int | None = None,
+    ) -> Chapter:
+        """The history a prompt sees, oldest first.
+
+        Stored messages still in the context (not rolled back), since the last
+        !reset and after the chapter summary; in thread mode a message in a
+        thread sees that thread (and its root), one in the main timeline sees
+        the main timeline; in room mode the room is one conversation. The whole
+        chapter is returned, not a "last N" slice, so the prompt window stays
+        stable (see :mod:`hivebridge.conversation.context`). With ``persona``
+        None every persona's message is an assistant turn (for !rollback).
+        """
+        settings = await self.rooms.get(room_id)
+        threaded = settings.mode == "thread" and thread_root is not None
+        key = thread_root if threaded and thread_root else ROOM
+        summary = None
+        if self.summarizer is not None:
+            summary = await self.summarizer.store.get(room_id, key)
+            if summary is not None and not summary.valid_since(settings.context_since):
+                summary = None  # written before a !reset: forgotten with the rest
+        since = max(settings.context_since, summary.up_to_ts if summary else 0)
+        turns: list[Turn] = []
+        for m in await self.messages.in_context(room_id, since, HISTORY_WINDOW):
+            if m.msgtype == "m.notice" or not m.body or _is_edit(m):
+                continue
+            if before_ts is not None and m.ts > before_ts:
+                continue
+            if m.body.startswith(self.config.routing.command_prefix) and not m.persona:
+                continue  # commands are for the bot, not conversation
+            turns.append(await self._turn(persona, m))
+        if summary is not None:
+            turns = apply_reset(turns, summary.up_to_event_id)
+        if settings.mode == "thread":
+            turns = select_turns(turns, thread_root, "thread" if threaded else "room")
+        return Chapter(key, summary, turns)
+
+    async def _turn(self, persona: Persona | None, m: StoredMessage) -> Turn:
         return Turn(
             event_id=m.event_id,
             sender_mxid=m.sender,
             sender_name=await self._name_of(m.room_id, m.sender),
-            is_self=m.sender == persona.mxid,
+            is_self=m.sender == persona.mxid if persona else m.persona is not None,
             body=m.body,
             ts=m.ts,
             thread_root=m.thread_root,
@@ -110,12 +199,15 @@ class ReplyService:
         intent = self.personas.intent(persona)
         extra = {BOUNCE_LIMIT_KEY: bounce_limit, **(reply_relation(msg) if group else {})}
         stream = LiveReply(self, intent, persona, msg, extra)
+        self.last_reply = stream
+        prompt: Prompt | None = None
+        chapter: Chapter | None = None
         await self.sender.typing(intent, msg.room_id, True)
         error = ""
         try:
-            prompt = await self.build_prompt(persona, msg, group=group)
+            prompt, chapter = await self.prompt_for(persona, msg, group=group)
             gen = self.backend_for(persona).generate(
-                prompt, self.sampling(), session=f"{msg.room_id}|{persona.mxid}"
+                prompt.messages, self.sampling(), session=f"{msg.room_id}|{persona.mxid}"
             )
             async for piece in gen:
                 await stream.add(piece)
@@ -126,6 +218,8 @@ class ReplyService:
                 stream.edits_sent,
                 extra={"room_id": msg.room_id, "persona": persona.name, "event_id": msg.event_id},
             )
+            if self.on_usage is not None:
+                await self._report_usage(persona, msg, gen.stats, prompt.messages)
         except InferenceError as e:
             error = str(e)
         finally:
@@ -140,7 +234,45 @@ class ReplyService:
                 notice=True,
                 persona=persona.name,
             )
+        elif prompt is not None and chapter is not None:
+            self._maybe_summarize(persona, msg.room_id, prompt, chapter)
         return event_id
+
+    async def _report_usage(
+        self,
+        persona: Persona,
+        msg: StoredMessage,
+        stats: GenerationStats,
+        prompt: list[ChatMessage],
+    ) -> None:
+        """Hand the reply's cost to ``on_usage``; a failure there never costs the reply."""
+        if not stats.prompt_tokens:  # backends without a usage report: count it ourselves
+            stats.prompt_tokens = sum(self.count_tokens(m.content) for m in prompt)
+        try:
+            assert self.on_usage is not None
+            await self.on_usage(persona, msg, stats)
+        except Exception:
+            log.warning("usage hook failed", exc_info=True, extra={"room_id": msg.room_id})
+
+    def _maybe_summarize(
+        self, persona: Persona, room_id: str, prompt: Prompt, chapter: Chapter
+    ) -> None:
+        """Fold the turns this prompt had to drop into the chapter summary, later.
+
+        Started after the reply is out, as a background job, so no reply waits.
+        """
+        cfg = self.config.summaries
+        if self.summarizer is None or not cfg.enabled:
+            return
+        if summary_due(prompt, min_dropped_turns=cfg.min_dropped_turns):
+            self.summarizer.schedule(
+                self.backend_for(persona),
+                persona,
+                room_id,
+                chapter.key,
+                prompt.dropped,
+                chapter.summary,
+            )
 
 
 class LiveReply:

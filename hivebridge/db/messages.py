@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Database, Scheme
 from mautrix.util.async_db.connection import LoggingConnection
 
 
@@ -47,6 +47,22 @@ _COLUMNS = (
 )
 
 
+def _values(msg: StoredMessage) -> tuple[Any, ...]:
+    return (
+        msg.event_id,
+        msg.room_id,
+        msg.sender,
+        msg.msgtype,
+        msg.body,
+        json.dumps(msg.content, ensure_ascii=False),
+        msg.thread_root,
+        msg.in_reply_to,
+        msg.ts,
+        msg.persona,
+        msg.handled,
+    )
+
+
 class MessageStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -57,21 +73,27 @@ class MessageStore:
             f"INSERT INTO messages ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
             "$11) ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
         )
-        inserted = await (conn or self.db).fetchval(
-            q,
-            msg.event_id,
-            msg.room_id,
-            msg.sender,
-            msg.msgtype,
-            msg.body,
-            json.dumps(msg.content, ensure_ascii=False),
-            msg.thread_root,
-            msg.in_reply_to,
-            msg.ts,
-            msg.persona,
-            msg.handled,
-        )
+        inserted = await (conn or self.db).fetchval(q, *_values(msg))
         return inserted is not None
+
+    async def insert_many(self, rows: list[StoredMessage], conn: LoggingConnection) -> set[str]:
+        """Store a batch; returns the event ids that were new.
+
+        On PostgreSQL one statement carries the whole batch (unnest), so a
+        transaction of 50 events is one round trip, not 50.
+        """
+        if not rows:
+            return set()
+        if self.db.scheme != Scheme.POSTGRES:
+            return {r.event_id for r in rows if await self.insert(r, conn)}
+        cols = list(zip(*(_values(r) for r in rows), strict=True))
+        q = (
+            f"INSERT INTO messages ({_COLUMNS}) SELECT * FROM unnest($1::text[], $2::text[], "
+            "$3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], "
+            "$9::bigint[], $10::text[], $11::boolean[]) "
+            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        )
+        return {r["event_id"] for r in await conn.fetch(q, *(list(c) for c in cols))}
 
     async def get(
         self, event_id: str, conn: LoggingConnection | None = None
@@ -84,6 +106,11 @@ class MessageStore:
     async def update_body(self, event_id: str, body: str) -> None:
         """The final text of a message we edited while streaming."""
         await self.db.execute("UPDATE messages SET body=$2 WHERE event_id=$1", event_id, body)
+
+    async def mark_handled_many(self, event_ids: list[str]) -> None:
+        await self.db.executemany(
+            "UPDATE messages SET handled=true WHERE event_id=$1", [(e,) for e in event_ids]
+        )
 
     async def mark_handled(self, event_id: str) -> None:
         await self.db.execute("UPDATE messages SET handled=true WHERE event_id=$1", event_id)
@@ -107,6 +134,25 @@ class MessageStore:
             limit,
         )
         return [StoredMessage.from_row(r) for r in reversed(rows)]
+
+    async def in_context(self, room_id: str, since_ts: int, limit: int) -> list[StoredMessage]:
+        """Like :meth:`recent`, without messages taken out of the context by !rollback."""
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM messages WHERE room_id=$1 AND ts >= $2 "
+            "AND in_context=true ORDER BY ts DESC, event_id DESC LIMIT $3",
+            room_id,
+            since_ts,
+            limit,
+        )
+        return [StoredMessage.from_row(r) for r in reversed(rows)]
+
+    async def remove_from_context(self, event_ids: list[str]) -> None:
+        """!rollback: prompts stop seeing these messages; they stay stored."""
+        if event_ids:
+            await self.db.executemany(
+                "UPDATE messages SET in_context=false WHERE event_id=$1",
+                [(e,) for e in event_ids],
+            )
 
     async def count(self, room_id: str | None = None) -> int:
         if room_id is None:

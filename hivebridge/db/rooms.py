@@ -1,4 +1,4 @@
-"""Per-room settings the bridge keeps: active or stopped, where context starts."""
+"""Per-room settings the bridge keeps: active or stopped, where context starts, mode."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ class RoomSettings:
     room_id: str
     active: bool = True
     context_since: int = 0
+    #: "room": one conversation; "thread": a message in a thread sees that thread only.
+    mode: str = "room"
 
 
 class RoomStore:
@@ -21,11 +23,13 @@ class RoomStore:
 
     async def get(self, room_id: str) -> RoomSettings:
         row = await self.db.fetchrow(
-            "SELECT room_id, active, context_since FROM rooms WHERE room_id=$1", room_id
+            "SELECT room_id, active, context_since, mode FROM rooms WHERE room_id=$1", room_id
         )
         if row is None:
             return RoomSettings(room_id)
-        return RoomSettings(row["room_id"], bool(row["active"]), int(row["context_since"]))
+        return RoomSettings(
+            row["room_id"], bool(row["active"]), int(row["context_since"]), str(row["mode"])
+        )
 
     async def _ensure(self, room_id: str) -> None:
         await self.db.execute(
@@ -44,3 +48,8 @@ class RoomStore:
         await self.db.execute(
             "UPDATE rooms SET context_since=$2 WHERE room_id=$1", room_id, since_ts
         )
+
+    async def set_mode(self, room_id: str, mode: str) -> None:
+        """``room`` or ``thread`` (see :class:`RoomSettings`); checked by the caller."""
+        await self._ensure(room_id)
+        await self.db.execute("UPDATE rooms SET mode=$2 WHERE room_id=$1", room_id, mode)

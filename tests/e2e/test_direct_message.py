@@ -25,7 +25,7 @@ async def test_persona_answers_a_dm_from_the_model(homeserver: Homeserver, bridg
 
     # Both sides of the exchange are stored, once each.
     assert bridge.appservice is not None and bridge.router is not None
-    await bridge.router.queues.drain()
+    await bridge.router.drain()
     messages = bridge.appservice.messages
     stored_question = await messages.get(sent)
     stored_reply = await messages.get(reply["event_id"])
@@ -58,7 +58,7 @@ async def test_streamed_reply_is_one_event_plus_capped_edits(
         await human.wait_for_members(room, {human.user_id, persona})
         await human.send_text(room, "Tell me a long story about a dragon and a knight.")
         first = await human.wait_for(room, from_user(persona), timeout=120)
-        await bridge.router.queues.drain()
+        await bridge.router.drain()
         assert bridge.appservice is not None
         stored = await bridge.appservice.messages.get(first["event_id"])
         assert stored is not None

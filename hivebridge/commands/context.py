@@ -1,0 +1,168 @@
+"""Conversation memory controls: ``!context``, ``!summary``, ``!rollback``, ``!mode``.
+
+They show and steer what the next prompt holds, using the very code that
+builds prompts (:meth:`ReplyService.chapter` / :meth:`ReplyService.next_prompt`),
+so what they report is what the model gets. ``!rollback`` only flags messages
+out of the context: the room keeps its history, and the stored rows stay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from ..conversation import rollback
+from ..db.messages import MessageStore
+from ..db.personas import Persona
+from ..db.rooms import RoomStore
+from ..personas import PersonaDirectory
+from ..replies import ReplyService
+from .base import CommandContext, CommandTable, UserError
+from .parser import CommandSpec, ParsedCommand, normalize_persona_name
+
+MODES = ("room", "thread")
+#: More than this many exchanges at once is almost surely a typo.
+MAX_ROLLBACK = 50
+
+MODE_USAGE = "Usage: !mode room|thread"
+ROLLBACK_USAGE = f"Usage: !rollback [n] (n = exchanges to forget, 1-{MAX_ROLLBACK}; default 1)"
+CONTEXT_USAGE = "Usage: !context [persona]"
+
+
+class ContextCommands:
+    def __init__(
+        self,
+        replies: ReplyService,
+        rooms: RoomStore,
+        messages: MessageStore,
+        personas: PersonaDirectory,
+        members_of: Callable[[str], Awaitable[list[str]]],
+    ) -> None:
+        self.replies = replies
+        self.rooms = rooms
+        self.messages = messages
+        self.personas = personas
+        self.members_of = members_of  # joined members of a room (state cache)
+
+    def register(self, table: CommandTable) -> None:
+        table.add(
+            CommandSpec(
+                "context",
+                "context [persona]",
+                "token use of the next prompt: system, summary, turns",
+                optional_args=("persona",),
+            ),
+            self.context,
+        )
+        table.add(
+            CommandSpec("summary", "summary", "show the chapter summary of this conversation"),
+            self.summary,
+        )
+        table.add(
+            CommandSpec(
+                "rollback",
+                "rollback [n]",
+                "forget the last n exchanges (default 1); the messages stay in the room",
+                optional_args=("n",),
+            ),
+            self.rollback,
+        )
+        table.add(
+            CommandSpec(
+                "mode",
+                "mode room|thread",
+                "threads share the room's context (room) or each keep their own (thread)",
+                optional_args=("mode",),
+            ),
+            self.mode,
+        )
+
+    async def _thread_root(self, ctx: CommandContext) -> str | None:
+        """The thread the command was sent in: in thread mode, its context is meant."""
+        msg = await self.messages.get(ctx.event_id)
+        return msg.thread_root if msg else None
+
+    async def context(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        members = await self.members_of(ctx.room_id)
+        persona = self._persona(cmd.args.get("persona"), members)
+        prompt, chapter = await self.replies.next_prompt(
+            persona, ctx.room_id, await self._thread_root(ctx), group=len(members) > 2
+        )
+        used = prompt.system_tokens + prompt.summary_tokens + prompt.turns_tokens
+        lines = [
+            f"Next prompt for {persona.displayname}: {used} of {prompt.budget} tokens "
+            "(before the new message)",
+            f"• system: {prompt.system_tokens}",
+            f"• summary: {prompt.summary_tokens}"
+            + ("" if chapter.summary else " (no summary yet)"),
+            f"• turns: {prompt.turns_tokens} ({prompt.turns_included} messages)",
+        ]
+        if prompt.turns_dropped:
+            lines.append(
+                f"• left out: {prompt.turns_dropped} older messages ({prompt.dropped_tokens} "
+                "tokens), waiting to be summarized"
+            )
+        await ctx.reply("\n".join(lines))
+
+    def _persona(self, raw: str | None, members: list[str]) -> Persona:
+        if raw:
+            check = normalize_persona_name(raw)
+            mxid = self.personas.config.persona_mxid(check.name) if check.name else ""
+            persona = self.personas.get(mxid)
+            if persona is None:
+                raise UserError(f"No persona named {raw[:40]!r}. {CONTEXT_USAGE}")
+            return persona
+        here = [p for m in members if (p := self.personas.get(m)) is not None]
+        if not here:
+            raise UserError(f"No persona in this room. {CONTEXT_USAGE}")
+        return here[0]
+
+    async def summary(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        chapter = await self.replies.chapter(ctx.room_id, await self._thread_root(ctx), None)
+        if chapter.summary is None:
+            await ctx.reply(
+                "No summary yet: the conversation here still fits the prompt "
+                f"({len(chapter.turns)} messages since the last reset)."
+            )
+            return
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(chapter.summary.up_to_ts / 1000))
+        await ctx.reply(
+            f"Summary of the conversation up to {when} "
+            f"({len(chapter.turns)} messages since):\n{chapter.summary.summary}"
+        )
+
+    async def rollback(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        raw = cmd.args.get("n", "1").strip()
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_ROLLBACK:
+            raise UserError(ROLLBACK_USAGE)
+        n = int(raw)
+        chapter = await self.replies.chapter(ctx.room_id, await self._thread_root(ctx), None)
+        kept = rollback(chapter.turns, n)
+        removed = chapter.turns[len(kept) :]
+        if not removed:
+            await ctx.reply("Nothing to roll back: no answered message since the last reset.")
+            return
+        await self.messages.remove_from_context([t.event_id for t in removed])
+        exchanges = sum(
+            1 for i, t in enumerate(removed) if t.is_self and (i == 0 or not removed[i - 1].is_self)
+        )
+        await ctx.reply(
+            f"Rolled back {exchanges} exchange{'s' if exchanges != 1 else ''} "
+            f"({len(removed)} messages): they stay in the room but leave the context."
+        )
+
+    async def mode(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        raw = cmd.args.get("mode")
+        if raw is None:
+            settings = await self.rooms.get(ctx.room_id)
+            await ctx.reply(f"This room is in {settings.mode} mode. {MODE_USAGE}")
+            return
+        mode = raw.strip().lower()
+        if mode not in MODES:
+            raise UserError(MODE_USAGE)
+        await self.rooms.set_mode(ctx.room_id, mode)
+        if mode == "thread":
+            text = "Thread mode: a message in a thread sees only that thread's history."
+        else:
+            text = "Room mode: the whole room, threads included, is one conversation."
+        await ctx.reply(text)

@@ -1,0 +1,325 @@
+"""Models and endpoints: ``!ask``, ``!models``, ``!reload_models``, endpoints and aliases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from ..catalogue import ModelCatalogue
+from ..config import Config
+from ..db.endpoints import EndpointStore, StoredEndpoint
+from ..inference.router import EndpointInfo, InferenceRouter
+from ..inference.types import ChatMessage, InferenceError, SamplingParams
+from ..limits import Limits
+from .base import CommandContext, CommandTable, UserError
+from .parser import CommandSpec, OptionSpec, ParsedCommand
+
+log = logging.getLogger("hivebridge.commands.models")
+
+_ENDPOINT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+_URL = re.compile(r"^https?://[^\s/@]+(:\d+)?(/\S*)?$")
+_ENV_REF = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
+#: Longest answer posted by !ask; the model's max_tokens bounds it anyway.
+MAX_ANSWER_CHARS = 8000
+
+
+def resolve_key(raw: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The key to send for a stored key: literal, or ``env:NAME`` read from the environment."""
+    if not raw:
+        return None
+    match = _ENV_REF.match(raw)
+    if match is None:
+        return raw
+    return (os.environ if env is None else env).get(match.group(1)) or None
+
+
+def safe_url(url: str) -> str:
+    """The URL without user:password, for listings."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+class ModelCommands:
+    def __init__(
+        self,
+        config: Config,
+        catalogue: ModelCatalogue,
+        router: InferenceRouter,
+        endpoints: EndpointStore,
+        limits: Limits,
+        count_tokens: Callable[[str], int],
+        *,
+        config_endpoints: Collection[str] = (),
+    ) -> None:
+        self.config = config
+        self.catalogue = catalogue
+        self.router = router
+        self.endpoints = endpoints
+        self.limits = limits
+        self.count_tokens = count_tokens
+        self.config_endpoints = set(config_endpoints)
+
+    def register(self, table: CommandTable) -> None:
+        limit = self.config.inference.max_tokens_limit
+        table.add(
+            CommandSpec(
+                "ask",
+                "ask <model> <prompt…> [max_tokens=N] [temp=F] [top_p=F]",
+                "one question to a model (id, alias or name); the bot answers",
+                args=("model",),
+                rest="prompt",
+                rest_required=True,
+                params=(
+                    OptionSpec("max_tokens", "int", 1, limit, help="completion length"),
+                    OptionSpec("temp", "float", 0, 2, help="temperature"),
+                    OptionSpec("top_p", "float", 0, 1, help="nucleus sampling"),
+                ),
+            ),
+            self.ask,
+        )
+        table.add(
+            CommandSpec("models", "models", "the model catalogue: ids, sources, aliases"),
+            self.models,
+        )
+        table.add(
+            CommandSpec(
+                "reload_models",
+                "reload_models",
+                "rediscover local model files and endpoint models",
+                "owner",
+            ),
+            self.reload_models,
+        )
+        table.add(
+            CommandSpec(
+                "add_endpoint",
+                "add_endpoint <name> <url> [api_key|env:VAR]",
+                "add an OpenAI-compatible endpoint (kept across restarts)",
+                "trusted",
+                args=("name", "url"),
+                optional_args=("api_key",),
+            ),
+            self.add_endpoint,
+        )
+        table.add(
+            CommandSpec(
+                "remove_endpoint",
+                "remove_endpoint <name>",
+                "remove an endpoint",
+                "trusted",
+                args=("name",),
+            ),
+            self.remove_endpoint,
+        )
+        table.add(
+            CommandSpec("endpoints", "endpoints", "endpoints: health, latency, models"),
+            self.list_endpoints,
+        )
+        table.add(
+            CommandSpec(
+                "alias",
+                "alias <alias> <model_id>",
+                "give a model a short name",
+                "trusted",
+                args=("alias", "model"),
+            ),
+            self.alias,
+        )
+        table.add(CommandSpec("aliases", "aliases", "list model aliases"), self.aliases)
+        table.add(
+            CommandSpec(
+                "rm_alias", "rm_alias <alias>", "remove a model alias", "trusted", args=("alias",)
+            ),
+            self.rm_alias,
+        )
+
+    # --- !ask ---------------------------------------------------------------------------
+
+    async def ask(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        ref = cmd.args["model"]
+        name = self.catalogue.resolve(ref)
+        if name is None:
+            raise UserError(f"No model {ref[:60]!r}; !models lists ids, names and aliases.")
+        verdict = await self.limits.check(ctx.sender, ctx.room_id)
+        if not verdict.allowed:
+            if verdict.notify:
+                await ctx.reply(verdict.message)
+            return  # silent until the announced time
+        inf = self.config.inference
+        params = SamplingParams(
+            max_tokens=int(cmd.params.get("max_tokens", inf.max_tokens)),
+            temperature=float(cmd.params.get("temp", inf.temperature)),
+            top_p=float(cmd.params.get("top_p", inf.top_p)),
+        )
+        prompt = cmd.rest or ""
+        messages = [ChatMessage("user", prompt)]
+        gen = self.router.generate(messages, params, session=f"{ctx.room_id}|ask", model=name)
+        pieces: list[str] = []
+        try:
+            async for piece in gen:
+                pieces.append(piece)
+        except InferenceError as e:
+            raise UserError(f"[{name}] could not answer: {e}") from None
+        finally:
+            await gen.aclose()
+        text = "".join(pieces).strip() or "(the model returned nothing)"
+        if len(text) > MAX_ANSWER_CHARS:
+            text = text[: MAX_ANSWER_CHARS - 1] + "…"
+        answer = f"[{name}] {text}"
+        note = failover_note(gen.failed_over_from, gen.served_by, gen.used_fallback)
+        if note:
+            answer += f"\n{note}"
+        await ctx.reply(answer)
+        stats = gen.stats
+        try:
+            await self.limits.record(
+                user=ctx.sender,
+                room_id=ctx.room_id,
+                persona=None,
+                model=self.catalogue.model_of(stats, name),
+                kind="ask",
+                prompt_tokens=stats.prompt_tokens or self.count_tokens(prompt),
+                completion_tokens=stats.completion_tokens,
+            )
+        except Exception:
+            log.warning("could not record usage of !ask", exc_info=True)
+
+    # --- catalogue ----------------------------------------------------------------------
+
+    async def models(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        await self.catalogue.sync()
+        entries = self.catalogue.entries()
+        if not entries:
+            await ctx.reply("No models known yet.")
+            return
+        lines = []
+        for e in entries:
+            sources = []
+            if e.local_file:
+                sources.append(f"local file {e.local_file}")
+            if e.endpoints:
+                sources.append("endpoint " + ", ".join(e.endpoints))
+            where = "; ".join(sources) or "no source now"
+            state = "loaded" if e.loaded else "not loaded"
+            alias = f" — aliases: {', '.join(e.aliases)}" if e.aliases else ""
+            lines.append(f"{e.id}. {e.name} — {where} — {state}{alias}")
+        await ctx.reply("Models:\n" + "\n".join(lines))
+
+    async def reload_models(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        started = time.monotonic()
+        errors = await self.catalogue.discover()
+        entries = self.catalogue.entries()
+        local = sum(1 for e in entries if e.local_file)
+        remote = sum(1 for e in entries if e.endpoints)
+        text = (
+            f"Reloaded in {time.monotonic() - started:.1f}s: {local} local, {remote} remote "
+            f"model(s); {len(entries)} in the catalogue."
+        )
+        failed = [f"{n}: {err}" for n, err in errors.items() if err]
+        if failed:
+            text += "\nUnreachable: " + "; ".join(failed)
+        await ctx.reply(text)
+
+    # --- endpoints ----------------------------------------------------------------------
+
+    async def add_endpoint(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        name, url = cmd.args["name"].lower(), cmd.args["url"].rstrip("/")
+        raw_key = cmd.args.get("api_key") or None
+        if not _ENDPOINT_NAME.match(name):
+            raise UserError("Endpoint names use 1-32 of a-z 0-9 _ . - (starting a-z 0-9).")
+        if len(url) > 500 or not _URL.match(url):
+            raise UserError(
+                "The URL must be http(s)://host[:port][/path], e.g. http://gpu1:8000/v1"
+            )
+        if name in self.config_endpoints:
+            raise UserError(f"Endpoint {name} is defined in the config file; change it there.")
+        key = resolve_key(raw_key)
+        if raw_key and key is None:
+            raise UserError(f"{raw_key[:60]} is not set in the bridge's environment.")
+        info = await self.router.add_endpoint(name, url, key)
+        await self.endpoints.put(StoredEndpoint(name, url, raw_key, ctx.sender))
+        await self.catalogue.sync()
+        if info.models and info.healthy:
+            state = f"models: {', '.join(info.models)}"
+        else:
+            state = f"not reachable now ({info.last_error or 'no models'}); it will be retried"
+        text = f"Endpoint {name} added ({safe_url(url)}, key {info.masked_key}): {state}."
+        if raw_key and not raw_key.startswith("env:"):
+            text += (
+                " Your command shows the key to this room: redact it, or give env:VARIABLE "
+                "(a variable of the bridge's environment) instead."
+            )
+        await ctx.reply(text)
+
+    async def remove_endpoint(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        name = cmd.args["name"].lower()
+        removed = await self.router.remove_endpoint(name)
+        stored = await self.endpoints.remove(name)
+        if not removed and not stored:
+            raise UserError(f"No endpoint named {name[:40]!r}; !endpoints lists them.")
+        note = (
+            " (it is in the config file, so it returns at restart)"
+            if (name in self.config_endpoints)
+            else ""
+        )
+        await ctx.reply(f"Endpoint {name} removed{note}.")
+
+    async def list_endpoints(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        infos = self.router.endpoints()
+        if not infos:
+            await ctx.reply("No endpoints; !add_endpoint <name> <url> [api_key] adds one.")
+            return
+        await ctx.reply("Endpoints:\n" + "\n".join(self._endpoint_line(i) for i in infos))
+
+    def _endpoint_line(self, info: EndpointInfo) -> str:
+        health = "healthy" if info.healthy else info.state
+        if info.latency_ms is not None:
+            health += f", {info.latency_ms:.0f} ms"
+        if not info.healthy and info.last_error:
+            health += f" ({info.last_error})"
+        origin = "config" if info.name in self.config_endpoints else "added"
+        models = ", ".join(info.models) or "none"
+        return (
+            f"{info.name} ({origin}) — {safe_url(info.url)} — key {info.masked_key} — "
+            f"{health} — models: {models}"
+        )
+
+    # --- aliases ------------------------------------------------------------------------
+
+    async def alias(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        await self.catalogue.sync()
+        alias = cmd.args["alias"]
+        try:
+            model_id, name = await self.catalogue.set_alias(alias, cmd.args["model"], ctx.sender)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        await ctx.reply(f"Alias {alias} → {model_id}. {name}")
+
+    async def aliases(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        rows = self.catalogue.aliases()
+        if not rows:
+            await ctx.reply("No aliases; !alias <alias> <model_id> makes one.")
+            return
+        await ctx.reply("Aliases:\n" + "\n".join(f"{a} → {i}. {n}" for a, i, n in rows))
+
+    async def rm_alias(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        alias = cmd.args["alias"]
+        if not await self.catalogue.remove_alias(alias):
+            raise UserError(f"No alias {alias[:40]!r}; !aliases lists them.")
+        await ctx.reply(f"Alias {alias} removed.")
+
+
+def failover_note(failed: list[str], served_by: str | None, used_fallback: bool) -> str:
+    """Say in the answer that it did not come from where it was asked, and why."""
+    if not failed:
+        return ""
+    who = ", ".join(failed)
+    by = f"local fallback {served_by}" if used_fallback else f"endpoint {served_by}"
+    return f"(endpoint {who} unavailable; answered by {by})"

@@ -1,0 +1,51 @@
+"""``!stats``: messages, replies and tokens, in total and today, from the ``usage`` table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..db.usage import Tally, UsageStore
+from ..routing.rate_limit import utc_day
+from .base import CommandContext, CommandTable
+from .parser import CommandSpec, ParsedCommand
+
+
+class StatsCommands:
+    def __init__(
+        self, usage: UsageStore, bot_mxid: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.usage = usage
+        self.bot_mxid = bot_mxid
+        self.clock = clock
+
+    def register(self, table: CommandTable) -> None:
+        table.add(
+            CommandSpec("stats", "stats", "usage: messages, replies, tokens, top users"),
+            self.stats,
+        )
+
+    async def stats(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        day = utc_day(self.clock())
+        r = await self.usage.report(day, bot_mxid=self.bot_mxid)
+        lines = [
+            f"Usage (total / today, UTC {day}):",
+            f"messages: {r.messages} / {r.messages_today}",
+            f"persona replies: {r.replies} / {r.replies_today}",
+            f"!ask answers: {r.asks} / {r.asks_today}",
+            f"tokens: {r.tokens} / {r.tokens_today}",
+        ]
+        for title, tallies in (
+            ("top users", r.top_users),
+            ("per persona", r.personas),
+            ("per model", r.models),
+        ):
+            lines.append(f"{title}: " + (_tallies(tallies) or "none"))
+        await ctx.reply("\n".join(lines))
+
+
+def _tallies(tallies: list[Tally]) -> str:
+    return "; ".join(
+        f"{t.key} {t.requests} req / {t.tokens} tok (today {t.requests_today} / {t.tokens_today})"
+        for t in tallies
+    )

@@ -1,0 +1,253 @@
+"""Model catalogue, endpoints and the model commands on a real database and a real
+``llama_cpp.server`` (no mocked HTTP); the local fallback is the real bundled model.
+
+Commands run through the real :class:`CommandTable` and parser; only the room is
+replaced by a list of replies (the Synapse path is tests/e2e/test_models_commands.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from hivebridge.catalogue import ModelCatalogue, local_model_name, scan_local_models
+from hivebridge.commands.base import CommandContext, CommandTable
+from hivebridge.commands.models import ModelCommands, failover_note, resolve_key, safe_url
+from hivebridge.commands.parser import Role
+from hivebridge.commands.stats import StatsCommands
+from hivebridge.config import Config, HomeserverConfig, InferenceConfig, LimitsConfig
+from hivebridge.db import open_database
+from hivebridge.db.catalogue import CatalogueStore
+from hivebridge.db.endpoints import EndpointStore, StoredEndpoint
+from hivebridge.db.usage import RateLimitStore, UsageStore
+from hivebridge.inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
+from hivebridge.inference.remote import EndpointTimeouts
+from hivebridge.inference.router import InferenceRouter, RetryPolicy, RouterConfig
+from hivebridge.inference.serial import SerialLlamaBackend
+from hivebridge.limits import Limits
+from tests.support.llama_server import LlamaServer, llama_server_missing, start_llama_server
+
+pytestmark = pytest.mark.model
+
+KEY = "sk-catalogue-SECRET-91b2c3d4"
+ALIAS = "smollm2"
+OWNER = "@boss:x"
+FAST = RouterConfig(
+    retry=RetryPolicy(max_attempts=2, backoff_s=0.05),
+    timeouts=EndpointTimeouts(connect_s=2.0, read_s=20.0, discovery_s=5.0),
+    refresh_interval_s=0,
+)
+
+_missing = llama_server_missing()
+if _missing and os.environ.get("CI") == "true":
+    pytest.fail(f"CI=true but the real server cannot run: {_missing}", pytrace=False)
+if _missing:
+    pytest.skip(_missing, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LlamaServer]:
+    srv = start_llama_server(ALIAS, extra_args=["--api_key", KEY])
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    path = bundled_model_path()
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+async def local(model_path: Path) -> AsyncIterator[SerialLlamaBackend]:
+    backend = SerialLlamaBackend(model_path, n_ctx=1024, threads=1)
+    await backend.start()
+    yield backend
+    await backend.stop()
+
+
+def config(**limits: object) -> Config:
+    return Config(
+        homeserver=HomeserverConfig("http://127.0.0.1:1", "x"),
+        inference=InferenceConfig(max_tokens=8, max_tokens_limit=64, temperature=0.0),
+        limits=replace(LimitsConfig(requests_per_minute=0), **limits),  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class Room:
+    """Collects the bot's replies; stands in for a Matrix room."""
+
+    replies: list[str] = field(default_factory=list)
+
+    async def reply(self, text: str) -> None:
+        self.replies.append(text)
+
+
+@dataclass
+class Harness:
+    table: CommandTable
+    catalogue: ModelCatalogue
+    router: InferenceRouter
+    room: Room
+
+    async def run(self, body: str, sender: str = OWNER, role: Role = "owner") -> str:
+        before = len(self.room.replies)
+        ctx = CommandContext("!room:x", sender, role, "$ev", self.room.reply)
+        assert await self.table.run(ctx, body)
+        new = self.room.replies[before:]
+        return new[0] if new else ""
+
+
+async def harness(
+    db_url: str, local: SerialLlamaBackend, model_path: Path, cfg: Config
+) -> tuple[Harness, object]:
+    db = await open_database(db_url)
+    router = InferenceRouter(fallback=local, config=FAST)
+    name = local_model_name(model_path)
+    stored = EndpointStore(db)
+    for e in await stored.all():
+        await router.add_endpoint(e.name, e.url, resolve_key(e.api_key))
+    catalogue = ModelCatalogue(
+        CatalogueStore(db),
+        router,
+        scan_local=lambda: scan_local_models(model_path, ()),
+        loaded={name: local},
+    )
+    await catalogue.load()
+    usage = UsageStore(db)
+    limits = Limits(
+        cfg.limits, usage, RateLimitStore(db), lambda m: "owner" if m == OWNER else "user"
+    )
+    table = CommandTable()
+    ModelCommands(cfg, catalogue, router, stored, limits, local.count_tokens).register(table)
+    StatsCommands(usage, "@bot:x").register(table)
+    return Harness(table, catalogue, router, Room()), db
+
+
+async def test_ids_and_aliases_survive_restart(db_url: str) -> None:
+    db = await open_database(db_url)
+    try:
+        store = CatalogueStore(db)
+        a = await store.ensure_model("alpha")
+        b = await store.ensure_model("beta")
+        assert a != b and await store.ensure_model("alpha") == a
+        await store.set_alias("fast", b, "@u:x")
+        await store.set_alias("fast", a, "@u:x")  # re-pointed, not duplicated
+    finally:
+        await db.stop()
+    db = await open_database(db_url)
+    try:
+        store = CatalogueStore(db)
+        assert [(m.id, m.name) for m in await store.models()] == [(a, "alpha"), (b, "beta")]
+        assert [(x.alias, x.model_id) for x in await store.aliases()] == [("fast", a)]
+        assert await store.remove_alias("fast") and not await store.remove_alias("fast")
+        ep = StoredEndpoint("gpu1", "http://h/v1", "env:GPU1_KEY", "@u:x")
+        await EndpointStore(db).put(ep)
+        assert "GPU1_KEY" not in repr(ep)  # the key (or its reference) stays out of logs
+        (got,) = await EndpointStore(db).all()
+        assert (got.name, got.url, got.api_key) == ("gpu1", "http://h/v1", "env:GPU1_KEY")
+    finally:
+        await db.stop()
+
+
+async def test_commands_against_real_endpoint(
+    sqlite_url: str,
+    server: LlamaServer,
+    local: SerialLlamaBackend,
+    model_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    h, db = await harness(sqlite_url, local, model_path, config())
+    try:
+        models = await h.run("!models")
+        assert f"1. {BUNDLED_MODEL_NAME} — local file {model_path.name} — loaded" in models
+
+        # Plain users may not add endpoints; a bad URL gets a usage line, not a traceback.
+        refused = await h.run(f"!add_endpoint gpu1 {server.base_url} {KEY}", "@u:x", "user")
+        assert "needs the trusted role" in refused and KEY not in refused
+        assert "URL must be" in await h.run("!add_endpoint gpu1 ftp://nope")
+
+        os.environ["HB_TEST_CATALOGUE_KEY"] = KEY
+        added = await h.run(f"!add_endpoint gpu1 {server.base_url} env:HB_TEST_CATALOGUE_KEY")
+        assert f"models: {ALIAS}" in added and KEY not in added, added
+        listing = await h.run("!endpoints")
+        assert "gpu1 (added)" in listing and "healthy" in listing and KEY not in listing
+        assert "…c3d4" in listing  # masked, still tells keys apart
+        models = await h.run("!models")
+        assert f"2. {ALIAS} — endpoint gpu1 — loaded" in models, models
+
+        assert "Alias fast → 2. smollm2" in await h.run("!alias fast 2")
+        assert "No model" in await h.run("!alias slow 99")
+        assert "already a model name" in await h.run(f"!alias {ALIAS} 1")
+        assert "fast → 2. smollm2" in await h.run("!aliases")
+        answer = await h.run("!ask fast Say hi. max_tokens=6")
+        assert answer.startswith(f"[{ALIAS}] ") and "unavailable" not in answer, answer
+        assert h.router.sticky_endpoint("!room:x|ask") == "gpu1"  # really the endpoint
+
+        # Validation: one usage line each, never a traceback.
+        for bad, word in (
+            ("!ask fast hi temp=3", "temp must be between 0 and 2"),
+            ("!ask fast hi top_p=1.5", "top_p must be between 0 and 1"),
+            ("!ask fast hi max_tokens=0", "max_tokens must be between 1 and 64"),
+            ("!ask fast hi max_tokens=x", "max_tokens must be a whole number"),
+            ("!ask nosuch hi", "No model 'nosuch'"),
+        ):
+            reply = await h.run(bad)
+            assert word in reply and "Traceback" not in reply, reply
+
+        # An endpoint that goes away: the next !ask is answered locally and says so.
+        spare = start_llama_server(ALIAS)
+        try:
+            assert "models: smollm2" in await h.run(f"!add_endpoint spare {spare.base_url}")
+            await h.run("!remove_endpoint gpu1")
+            assert "key (none)" in await h.run("!endpoints")
+        finally:
+            spare.stop()
+        answer = await h.run("!ask fast Say hi. max_tokens=6")
+        assert answer.startswith(f"[{ALIAS}] "), answer
+        assert "(endpoint spare unavailable; answered by local fallback" in answer, answer
+        await h.run("!remove_endpoint spare")
+
+        stats = await h.run("!stats")
+        assert "!ask answers: 2 / 2" in stats and OWNER in stats, stats
+        assert f"{ALIAS} 1 req" in stats and f"{BUNDLED_MODEL_NAME} 1 req" in stats, stats
+
+        # Endpoints and aliases come back after a restart (same database).
+        await h.run(f"!add_endpoint gpu1 {server.base_url} env:HB_TEST_CATALOGUE_KEY")
+    finally:
+        await h.router.aclose()
+        await db.stop()  # type: ignore[attr-defined]
+
+    h2, db2 = await harness(sqlite_url, local, model_path, config())
+    try:
+        assert h2.catalogue.resolve("fast") == ALIAS and h2.catalogue.resolve("2") == ALIAS
+        assert "gpu1 (added)" in await h2.run("!endpoints")
+        assert "Alias fast removed" in await h2.run("!rm_alias fast")
+        assert "No alias" in await h2.run("!rm_alias fast")
+        reload = await h2.run("!reload_models")
+        assert "1 local, 1 remote" in reload, reload
+        assert all(KEY not in reply for reply in h.room.replies + h2.room.replies)
+        assert KEY not in caplog.text  # not even at DEBUG
+    finally:
+        await h2.router.aclose()
+        await db2.stop()  # type: ignore[attr-defined]
+        os.environ.pop("HB_TEST_CATALOGUE_KEY", None)
+
+
+def test_helpers() -> None:
+    assert resolve_key("env:HB_SURELY_UNSET_VAR") is None
+    assert resolve_key("sk-literal") == "sk-literal"
+    assert resolve_key("env:X", {"X": "v"}) == "v"
+    assert safe_url("http://user:pw@h:1/v1") == "http://***@h:1/v1"
+    assert failover_note([], "gpu1", False) == ""
+    assert failover_note(["a"], "b", False) == "(endpoint a unavailable; answered by endpoint b)"
