@@ -16,6 +16,9 @@ class TxnStore:
         row = await self.db.fetchval("SELECT 1 FROM processed_txns WHERE txn_id=$1", txn_id)
         return row is not None
 
+    async def count(self) -> int:
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM processed_txns"))
+
     async def mark_processed(self, txn_id: str, conn: LoggingConnection | None = None) -> None:
         q = (
             "INSERT INTO processed_txns (txn_id, processed_at) VALUES ($1, $2) "

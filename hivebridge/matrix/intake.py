@@ -9,6 +9,7 @@ answers 500 so that Synapse retries instead of dropping the events.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -21,6 +22,7 @@ from mautrix.appservice import AppService
 from mautrix.types import Event, EventType
 from mautrix.util.async_db.connection import LoggingConnection
 
+from .. import metrics
 from ..db.messages import MessageStore, StoredMessage
 from ..db.txns import TxnStore
 
@@ -62,6 +64,17 @@ def stored_from_event(raw: dict[str, Any], persona: str | None = None) -> Stored
     )
 
 
+def transaction_key(txn_id: str, events: list[Any]) -> str:
+    """The transaction id plus a digest of what it carries.
+
+    Synapse on SQLite numbers appservice transactions anew after it restarts,
+    so an id alone can name a different transaction than the one we processed;
+    a retry of the same transaction carries the same events and the same key.
+    """
+    ids = "\x1f".join(str(e.get("event_id", "")) if isinstance(e, dict) else "?" for e in events)
+    return f"{txn_id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
+
+
 class Intake(AppService):
     """The appservice HTTP side, with persisted transaction and message dedupe."""
 
@@ -84,30 +97,39 @@ class Intake(AppService):
         self.event_handlers.clear()
 
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
+        # Every push gets exactly one outcome: new, duplicate, or rejected (auth,
+        # bad body, or a failure answered 500 so the homeserver pushes it again).
+        outcomes = metrics.MATRIX_TRANSACTIONS
         denied = self._auth_error(request)
         if denied is not None:
+            outcomes.labels("rejected").inc()
             return denied
-        txn_id = request.match_info["transaction_id"]
-        if txn_id in self.transactions:
-            return web.json_response({})
         try:
             data = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
+            outcomes.labels("rejected").inc()
             return web.json_response(
                 {"errcode": "M_NOT_JSON", "error": "Body is not JSON"}, status=400
             )
         events = data.get("events") if isinstance(data, dict) else None
         if not isinstance(events, list):
+            outcomes.labels("rejected").inc()
             return web.json_response(
                 {"errcode": "M_BAD_JSON", "error": "Missing events array"}, status=400
             )
+        txn_id = transaction_key(request.match_info["transaction_id"], events)
+        if txn_id in self.transactions:
+            outcomes.labels("duplicate").inc()
+            return web.json_response({})
         try:
-            await self.process_transaction(txn_id, events)
+            fresh = await self.process_transaction(txn_id, events)
         except Exception:
             log.exception("transaction %s failed; the homeserver will retry it", txn_id)
+            outcomes.labels("rejected").inc()
             return web.json_response(
                 {"errcode": "M_UNKNOWN", "error": "Transaction failed"}, status=500
             )
+        outcomes.labels("new" if fresh else "duplicate").inc()
         self.transactions.add(txn_id)
         return web.json_response({})
 
@@ -127,10 +149,11 @@ class Intake(AppService):
             )
         return None
 
-    async def process_transaction(self, txn_id: str, events: list[Any]) -> None:
+    async def process_transaction(self, txn_id: str, events: list[Any]) -> bool:
+        """Store and deliver a transaction; False when it was processed before (a retry)."""
         if await self.txns.is_processed(txn_id):
             log.debug("transaction %s already processed", txn_id)
-            return
+            return False
         fresh: dict[str, StoredMessage] = {}
         rows = [r for raw in events if isinstance(raw, dict) and (r := stored_from_event(raw))]
         conn: LoggingConnection
@@ -146,6 +169,10 @@ class Intake(AppService):
                     if known is not None and known.persona and not known.handled:
                         fresh[row.event_id] = known
             await self.txns.mark_processed(txn_id, conn)
+        # Counted once committed, so a transaction that failed and is retried counts once.
+        for raw in events:
+            kind = raw.get("type") if isinstance(raw, dict) else None
+            metrics.MATRIX_EVENTS.labels(metrics.event_type_label(kind)).inc()
         # The transaction is committed: from here on one bad event must not fail it
         # (a 500 would make the homeserver retry a transaction we already took).
         for raw in events:
@@ -153,6 +180,7 @@ class Intake(AppService):
                 await self._deliver(raw, fresh)
             except Exception as e:
                 log.warning("skipping an event that could not be handled: %s", type(e).__name__)
+        return True
 
     async def _deliver(self, raw: Any, fresh: dict[str, StoredMessage]) -> None:
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):

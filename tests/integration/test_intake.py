@@ -97,7 +97,7 @@ async def test_missing_or_wrong_token_is_refused_and_stores_nothing(
         status = await put(http, running.url("1") + "?access_token=wrong", txn_body("$a"), None)
         assert status == 403
         assert await running.intake.messages.count() == 0
-        assert not await running.intake.txns.is_processed("1")
+        assert await running.intake.txns.count() == 0
         assert running.seen == []
     finally:
         await stop_intake(running)
@@ -123,6 +123,10 @@ async def test_same_transaction_twice_and_after_restart_is_processed_once(
         assert await put(http, restarted.url("8"), txn_body("$b", "$c"), HS_TOKEN) == 200
         assert restarted.seen == [("$b", False), ("$c", True)]
         assert await restarted.intake.messages.count() == 3
+        # A homeserver that numbers transactions anew (Synapse on SQLite after a
+        # restart) reuses an id for new events: they are processed, not dropped.
+        assert await put(http, restarted.url("7"), txn_body("$d"), HS_TOKEN) == 200
+        assert ("$d", True) in restarted.seen
     finally:
         await stop_intake(restarted)
 
