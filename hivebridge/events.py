@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from mautrix.appservice import AppService
 from mautrix.types import Event, EventType, Membership, MemberStateEventContent, StateEvent
 
+from . import metrics
 from .commands.base import CommandContext, CommandTable
 from .config import Config
 from .db.messages import MessageStore, StoredMessage
@@ -45,6 +46,8 @@ class RoomWork:
 
     event: Event | None = None
     message: StoredMessage | None = None
+    #: Queued at start (unhandled, or with a pending reply job), not by intake.
+    resumed: bool = False
 
 
 class EventRouter:
@@ -97,8 +100,8 @@ class EventRouter:
             self.queues.push(room_id, RoomWork(message=stored))
 
     def resume(self, message: StoredMessage) -> None:
-        """Queue a stored message whose routing never finished (after a crash)."""
-        self.queues.push(message.room_id, RoomWork(message=message))
+        """Queue a stored message whose routing or reply never finished (after a crash)."""
+        self.queues.push(message.room_id, RoomWork(message=message, resumed=True))
 
     def forget_room(self, room_id: str) -> None:
         """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""
@@ -110,7 +113,7 @@ class EventRouter:
             await self._on_member(room_id, work.event)
         elif work.message is not None:
             try:
-                await self._on_message(room_id, work.message)
+                await self._on_message(room_id, work.message, resumed=work.resumed)
             finally:
                 self.handled.add(work.message.event_id)
 
@@ -195,26 +198,45 @@ class EventRouter:
 
     # Messages ---------------------------------------------------------------------------
 
-    async def _on_message(self, room_id: str, msg: StoredMessage) -> None:
+    async def _on_message(self, room_id: str, msg: StoredMessage, resumed: bool = False) -> None:
         if msg.sender == self.personas.bot_mxid:
             return
         members = await self.joined_members(room_id)
+        decided: set[str] = set()
+        if resumed:
+            decided = await self._resume_replies(msg, members)
+            if msg.handled:
+                return  # routed before the crash; only its replies were unfinished
         is_ours = self.personas.is_ours(msg.sender)
         if not is_ours and self.commands.is_command(msg.body):
             await self._run_command(room_id, msg, members)
             return  # commands are the bot's; personas never answer them
+        if msg.msgtype == "m.notice" or _is_edit(msg):
+            # Edits and notices trigger nobody and are no turn: counting a streamed
+            # reply's edits as turns would hide the A→B pattern from the loop guard.
+            return
         now = time.time()
         verdict = self.loop_guard.observe(room_id, msg.sender, now, is_bot=is_ours)
         if verdict.notify:
             await self._loop_notice(room_id, msg, members)
-        personas = [p for m in members if (p := self.personas.get(m)) is not None]
+        personas = [
+            p for m in members if (p := self.personas.get(m)) is not None and p.name not in decided
+        ]
         if not personas:
+            return
+        age_s = now - msg.ts / 1000
+        if age_s > self.config.replies.resume_max_age_s:
+            # Redelivered after a long outage: stored for the record, too late to answer.
+            log.info("not answering a message %.0fs old", age_s, extra={"room_id": room_id})
             return
         view = await self._view(msg)
         room = await self._room_view(room_id, members)
         for persona in personas:
             pview = PersonaView(persona.mxid, persona.name, persona.displayname)
             decision = decide(view, pview, room)
+            metrics.ROUTING_DECISIONS.labels(
+                "yes" if decision.answer else "no", metrics.reason_label(decision.reason)
+            ).inc()
             if decision.answer:
                 pair = addressed_in_thread(view, pview, decision)
                 if pair is not None:
@@ -227,6 +249,7 @@ class EventRouter:
             )
             if guard is not GuardVerdict.ALLOW:
                 log.info("%s suppressed: %s", persona.name, guard, extra={"room_id": room_id})
+                _count_guard(guard, persona.name)
                 continue
             if not await self._within_limits(room_id, msg, members, persona, is_ours):
                 continue
@@ -234,6 +257,31 @@ class EventRouter:
                 view.bounce_limit if is_ours else None, self.config.routing.bounce_limit
             )
             await self.replies.reply(persona, msg, bounce, group=len(members) > 2)
+
+    async def _resume_replies(self, msg: StoredMessage, members: list[str]) -> set[str]:
+        """Finish the replies to ``msg`` decided before a restart.
+
+        Returns the personas that have a reply job for it: routing never decides
+        for them again (idempotent resume), whatever the job's state. Pending
+        jobs are answered now; a persona no longer in the room fails its job.
+        """
+        jobs = self.replies.jobs
+        if jobs is None:
+            return set()
+        found = await jobs.for_event(msg.event_id)
+        by_name = {p.name: p for p in self.personas.all()}
+        for name, job in found.items():
+            if job.state != "pending":
+                continue
+            persona = by_name.get(name)
+            if persona is None or persona.mxid not in members:
+                log.info("%s left; its reply is dropped", name, extra={"room_id": msg.room_id})
+                await jobs.finish(msg.event_id, name, "failed")
+                continue
+            await self.replies.reply(
+                persona, msg, job.bounce_limit, group=len(members) > 2, job=job
+            )
+        return set(found)
 
     async def _within_limits(
         self, room_id: str, msg: StoredMessage, members: list[str], persona: Persona, is_ours: bool
@@ -251,6 +299,9 @@ class EventRouter:
         self._limit_charged[room_id] = msg.event_id
         if verdict.allowed:
             return True
+        metrics.ROUTING_RATE_LIMITED.labels(
+            metrics.bounded(verdict.scope, metrics.RATE_LIMIT_SCOPES)
+        ).inc()
         log.info("%s over a limit", msg.sender, extra={"room_id": room_id})
         if verdict.notify:
             intent = self.appservice.intent
@@ -337,6 +388,14 @@ class EventRouter:
             del threads[next(iter(threads))]
 
 
+def _count_guard(verdict: GuardVerdict, persona: str) -> None:
+    """The loop guard's refusals: a loop (pattern or bounce limit) or the room's turn cap."""
+    if verdict is GuardVerdict.TURN_CAP:
+        metrics.ROUTING_RATE_LIMITED.labels("turn_cap").inc()
+    else:
+        metrics.ROUTING_PINGPONG_SUPPRESSED.labels(metrics.persona_label(persona)).inc()
+
+
 class HandledMarks:
     """Marks routed messages as handled in batches.
 
@@ -365,3 +424,8 @@ class HandledMarks:
         while self._pending:
             batch, self._pending = self._pending, []
             await self.messages.mark_handled_many(batch)
+
+
+def _is_edit(msg: StoredMessage) -> bool:
+    relates = msg.content.get("m.relates_to")
+    return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
