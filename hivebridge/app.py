@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.util.async_db import Database
 
+from . import metrics
+from .admin import BridgeAdmin, engine_gauges_loop
 from .catalogue import ModelCatalogue, local_model_name, scan_local_models
 from .commands.base import CommandTable
 from .commands.context import ContextCommands
@@ -24,6 +27,7 @@ from .db.catalogue import CatalogueStore
 from .db.endpoints import EndpointStore
 from .db.messages import MessageStore, StoredMessage
 from .db.personas import Persona, PersonaStore
+from .db.reply_jobs import ReplyJobStore
 from .db.rooms import RoomStore
 from .db.summaries import SummaryStore
 from .db.trust import TrustStore
@@ -45,9 +49,6 @@ from .summaries import Summarizer
 from .web import WebServer
 
 log = logging.getLogger("hivebridge")
-
-#: Unfinished messages older than this are not resumed after a restart.
-RESUME_MAX_AGE_S = 15 * 60
 
 
 def resolve_model_path(config: Config) -> Path:
@@ -78,6 +79,11 @@ class Bridge:
         self.inference: InferenceRouter | None = None
         self.catalogue: ModelCatalogue | None = None
         self.limits: Limits | None = None
+        self.usage: UsageStore | None = None
+        #: The admin API's listener (``admin_api.token`` set); ``web`` serves metrics.
+        self.admin_web: WebServer | None = None
+        self.admin: BridgeAdmin | None = None
+        self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -105,7 +111,7 @@ class Bridge:
             n_ctx=config.inference.local.n_ctx,
             threads=config.inference.local.threads,
         )
-        await self.local.start()
+        await self._load_local(self.local)
         self.personas = personas = PersonaDirectory(config, PersonaStore(db), appservice)
         self.lifecycle = PersonaLifecycle(personas)
         rooms = RoomStore(db)
@@ -122,6 +128,7 @@ class Bridge:
             self.local.count_tokens,
             summarizer=self.summarizer,
         )
+        replies.jobs = ReplyJobStore(db)
         self.commands = commands = CommandTable(prefix=config.routing.command_prefix)
         self.router = router = EventRouter(
             config, appservice, personas, messages, rooms, roles, commands, sender, replies
@@ -135,15 +142,16 @@ class Bridge:
         await personas.load()
         await roles.load()
         await self._start_models(db, commands, replies, router)
+        unfinished = await self._unfinished(messages, replies.jobs)
         await appservice.start(config.appservice.hostname, config.appservice.port)
+        # Queued before anything else can be (no await since start): each room's
+        # unfinished work goes ahead of what the homeserver redelivers now.
+        for msg in unfinished:
+            router.resume(msg)
         await appservice.intent.ensure_registered()
         await appservice.intent.set_displayname(config.appservice.bot_displayname)
         await personas.ensure_default()
-        for msg in await messages.unhandled(int((time.time() - RESUME_MAX_AGE_S) * 1000)):
-            self.router.resume(msg)
-        if config.metrics.enabled:
-            self.web = WebServer(None, hostname=config.metrics.hostname, port=config.metrics.port)
-            await self.web.start()
+        await self._start_web()
         appservice.ready = True
         await self._ping_homeserver()
         log.info(
@@ -152,6 +160,76 @@ class Bridge:
             config.appservice.port,
             config.bot_mxid,
         )
+
+    async def _load_local(self, local: SerialLlamaBackend) -> None:
+        """Load the local model, recording how long it took and what it holds.
+
+        The serial backend reports no memory use; the GGUF file's size is the
+        weights' share, which dominates for the small contexts it runs.
+        """
+        label = metrics.model_label(local_model_name(local.model_path))
+        started = time.monotonic()
+        await local.start()
+        metrics.MODEL_LOAD_DURATION.labels(label).observe(time.monotonic() - started)
+        metrics.MODEL_LOADED.labels(label).set(1)
+        try:
+            metrics.MODEL_MEMORY_BYTES.labels(label).set(local.model_path.stat().st_size)
+        except OSError:
+            pass
+
+    async def _start_web(self) -> None:
+        """Metrics and health (readiness included) on the metrics listener; the admin
+        API on its own listener when a token is set, or on the same one if they share
+        a port."""
+        config = self.config
+        assert self.db is not None and self.appservice is not None
+        assert self.catalogue is not None and self.personas is not None
+        assert self.usage is not None
+        self.admin = admin = BridgeAdmin(
+            db=self.db,
+            intent=self.appservice.intent,
+            catalogue=self.catalogue,
+            personas=self.personas,
+            usage=self.usage,
+        )
+        m, a = config.metrics, config.admin_api
+        token = a.token or None
+        shared = m.enabled and token is not None and (m.hostname, m.port) == (a.hostname, a.port)
+        if m.enabled:
+            self.web = WebServer(
+                admin, hostname=m.hostname, port=m.port, token=token if shared else None
+            )
+            await self.web.start()
+        if token is not None and not shared:
+            self.admin_web = WebServer(
+                admin, hostname=a.hostname, port=a.port, token=token, serve_metrics=False
+            )
+            await self.admin_web.start()
+        catalogue = self.catalogue
+        if any(hasattr(b, "inspect") for b in catalogue.loaded.values()):
+            self._gauges = asyncio.create_task(engine_gauges_loop(lambda: catalogue.loaded))
+
+    async def _unfinished(self, messages: MessageStore, jobs: ReplyJobStore) -> list[StoredMessage]:
+        """What a crash left undone: unhandled messages and messages with pending
+        reply jobs, at most ``replies.resume_max_age_s`` old, oldest first.
+
+        Read before the appservice listens, so a message the homeserver delivers
+        during start is routed once (by intake), not also resumed. Older work stays
+        stored and unanswered: a reply that late would confuse more than help.
+        """
+        since = int((time.time() - self.config.replies.resume_max_age_s) * 1000)
+        found = {m.event_id: m for m in await messages.unhandled(since)}
+        pending = await jobs.pending(since)
+        for job in pending:
+            if job.event_id not in found:
+                msg = await messages.get(job.event_id)
+                if msg is not None:
+                    found[msg.event_id] = msg
+        if found:
+            log.info(
+                "resuming %d unfinished messages (%d pending replies)", len(found), len(pending)
+            )
+        return sorted(found.values(), key=lambda m: (m.ts, m.event_id))
 
     async def _ping_homeserver(self) -> None:
         """Ask the homeserver to retry queued transactions now, not after its backoff."""
@@ -193,7 +271,8 @@ class Bridge:
         )
         await catalogue.load()
         inference.start()
-        usage = UsageStore(db)
+        self.usage = usage = UsageStore(db)
+        replies.model_name = catalogue.model_of
         self.limits = limits = Limits(config.limits, usage, RateLimitStore(db), self.roles.role_of)
         await limits.load()
         router.limits = limits
@@ -239,6 +318,13 @@ class Bridge:
         return self.local
 
     async def stop(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+            self._gauges = None
+        if self.admin_web is not None:
+            await self.admin_web.stop()
         if self.web is not None:
             await self.web.stop()
         if self.router is not None:
@@ -251,6 +337,9 @@ class Bridge:
             await self.appservice.stop()
         if self.local is not None:
             await self.local.stop()
+            metrics.MODEL_LOADED.labels(
+                metrics.model_label(local_model_name(self.local.model_path))
+            ).set(0)
         if self.db is not None:
             await self.db.stop()
 

@@ -297,8 +297,13 @@ class RepliesConfig:
     max_edits: int = 20
     #: Show <think>…</think> reasoning (as a quote) instead of hiding it.
     show_thinking: bool = False
+    #: After a restart (or a homeserver that redelivers late), messages and pending
+    #: replies at most this old are answered; older ones stay stored, unanswered.
+    resume_max_age_s: float = 900.0
 
     def validate(self) -> None:
+        if self.resume_max_age_s < 0:
+            raise ConfigError("replies.resume_max_age_s", "must not be negative")
         if self.edit_interval_s < 0.1:
             raise ConfigError("replies.edit_interval_s", "must be at least 0.1")
         if self.max_edits < 0:

@@ -30,9 +30,17 @@ class LimitVerdict:
     notify: bool = False
     message: str = ""
     retry_after_s: float = 0.0
+    #: Which limit refused (a ``hivebridge_routing_rate_limited`` scope); "" when allowed.
+    scope: str = ""
 
 
 ALLOW = LimitVerdict(True)
+#: Metric scope of each daily budget; the per-user request rate is scope "user".
+_BUDGET_SCOPES: dict[Scope, str] = {
+    "user_id": "daily_budget",
+    "room_id": "room",
+    "persona": "persona",
+}
 
 
 class Limits:
@@ -100,7 +108,13 @@ class Limits:
                     f"{_who(user)}{subject} daily token budget ({budget.limit} tokens) is used "
                     f"up; try again in {wait} (the budget starts over at 00:00 UTC)."
                 )
-                return LimitVerdict(False, notify, text if notify else "", decision.reset_in_s)
+                return LimitVerdict(
+                    False,
+                    notify,
+                    text if notify else "",
+                    decision.reset_in_s,
+                    scope=_BUDGET_SCOPES[scope],
+                )
         if self.rate is None or user is None or not spend:
             return ALLOW
         key = f"user:{user}"
@@ -117,7 +131,9 @@ class Limits:
             f"{_who(user)}you are over the limit of {self.config.requests_per_minute:g} requests "
             f"per minute; try again in {format_retry_after(rate.retry_after_s)}."
         )
-        return LimitVerdict(False, rate.notify, text if rate.notify else "", rate.retry_after_s)
+        return LimitVerdict(
+            False, rate.notify, text if rate.notify else "", rate.retry_after_s, scope="user"
+        )
 
     async def record(
         self,

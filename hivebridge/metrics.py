@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +26,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+if TYPE_CHECKING:
+    from .inference.types import GenerationStats
+
 __all__ = [
     "OTHER",
     "REGISTRY",
@@ -33,6 +37,7 @@ __all__ = [
     "endpoint_label",
     "event_type_label",
     "model_label",
+    "observe_generation",
     "persona_label",
     "reason_label",
     "render",
@@ -317,3 +322,23 @@ ENDPOINT_FAILOVERS = Counter(
 def render() -> tuple[bytes, str]:
     """The registry in Prometheus text format, and the Content-Type to serve it with."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def observe_generation(stats: GenerationStats, model: str) -> None:
+    """Record one finished generation (replies and ``!ask`` call this once each).
+
+    Done where a request finishes rather than in every backend, so local, remote
+    and routed generations are counted once, under the catalogue's model name.
+    Prompt tokens are split only when the backend reported the split: a backend
+    that says nothing about its cache would otherwise skew the reuse ratio.
+    """
+    label = model_label(model)
+    if stats.ttft_s is not None:
+        INFERENCE_TIME_TO_FIRST_TOKEN.labels(label).observe(stats.ttft_s)
+    if stats.total_s > 0:
+        INFERENCE_GENERATION_DURATION.labels(label).observe(stats.total_s)
+    if stats.completion_tokens > 0:
+        INFERENCE_COMPLETION_TOKENS.labels(label).inc(stats.completion_tokens)
+    if stats.evaluated_tokens > 0 or stats.cached_tokens > 0:
+        INFERENCE_PROMPT_TOKENS_EVALUATED.labels(label).inc(max(0, stats.evaluated_tokens))
+        INFERENCE_PROMPT_TOKENS_REUSED.labels(label).inc(max(0, stats.cached_tokens))

@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mautrix.appservice import IntentAPI
+from mautrix.errors import MatrixRequestError
 
+from . import metrics
 from .config import Config
 from .conversation import (
     EditThrottle,
@@ -30,6 +32,7 @@ from .conversation import (
 )
 from .db.messages import MessageStore, StoredMessage
 from .db.personas import Persona
+from .db.reply_jobs import JobState, ReplyJob, ReplyJobStore
 from .db.rooms import RoomStore
 from .db.summaries import ROOM, ChapterSummary
 from .inference.types import (
@@ -39,7 +42,7 @@ from .inference.types import (
     InferenceError,
     SamplingParams,
 )
-from .matrix.sender import BOUNCE_LIMIT_KEY, Sender, stable_txn_id
+from .matrix.sender import ANSWERS_KEY, BOUNCE_LIMIT_KEY, Sender, retryable, stable_txn_id
 from .personas import PersonaDirectory
 from .summaries import Summarizer
 
@@ -91,6 +94,11 @@ class ReplyService:
         self.last_reply: LiveReply | None = None
         #: Called after each answered reply with its cost (usage table, budgets); None: off.
         self.on_usage: UsageHook | None = None
+        #: Persisted reply decisions (exactly once across crashes); None: not persisted.
+        self.jobs: ReplyJobStore | None = None
+        #: ``(stats, configured model) -> model name`` for metric labels; the app sets the
+        #: catalogue's, so a local model is counted under the name !models shows.
+        self.model_name: Callable[[GenerationStats, str], str] = lambda s, d: s.model or d
 
     def sampling(self) -> SamplingParams:
         inf = self.config.inference
@@ -194,11 +202,77 @@ class ReplyService:
         )
 
     async def reply(
-        self, persona: Persona, msg: StoredMessage, bounce_limit: int, *, group: bool = False
+        self,
+        persona: Persona,
+        msg: StoredMessage,
+        bounce_limit: int,
+        *,
+        group: bool = False,
+        job: ReplyJob | None = None,
+    ) -> str | None:
+        """Answer ``msg`` as ``persona`` once, even across a crash.
+
+        With ``job`` None this is a new decision: it is persisted as a pending
+        reply job before any work, and refused (None) when the pair already has
+        one, so routing the same message twice cannot answer it twice. With a
+        pending ``job`` (resumed after a restart) the reply is regenerated and
+        lands on the reply already posted, if there is one (the job's, or one
+        found in the room), else it is sent with the same stable txn id.
+        Returns the reply's event id; None when nothing was posted.
+        """
+        intent = self.personas.intent(persona)
+        existing: str | None = None
+        if job is None:
+            if self.jobs is not None and not await self.jobs.create(
+                msg.event_id, persona.name, msg.room_id, bounce_limit
+            ):
+                log.info(
+                    "%s already answers %s; not deciding again",
+                    persona.name,
+                    msg.event_id,
+                    extra={"room_id": msg.room_id},
+                )
+                return None
+        else:
+            bounce_limit = job.bounce_limit
+            existing = job.reply_event_id or await self.sender.find_reply(
+                intent, msg.room_id, msg.event_id, since_ts=msg.ts
+            )
+            log.info(
+                "resuming %s's reply to %s (%s)",
+                persona.name,
+                msg.event_id,
+                f"editing {existing}" if existing else "not posted yet",
+                extra={"room_id": msg.room_id},
+            )
+        try:
+            return await self._reply(persona, msg, bounce_limit, group, existing)
+        except MatrixRequestError as e:
+            if not retryable(e):  # forbidden, not in the room...: retrying cannot help
+                await self._settle(persona, msg, "failed")
+            raise
+
+    async def _settle(
+        self, persona: Persona, msg: StoredMessage, state: JobState, reply: str | None = None
+    ) -> None:
+        if self.jobs is not None:
+            await self.jobs.finish(msg.event_id, persona.name, state, reply)
+
+    async def _reply(
+        self,
+        persona: Persona,
+        msg: StoredMessage,
+        bounce_limit: int,
+        group: bool,
+        existing: str | None,
     ) -> str | None:
         intent = self.personas.intent(persona)
-        extra = {BOUNCE_LIMIT_KEY: bounce_limit, **(reply_relation(msg) if group else {})}
-        stream = LiveReply(self, intent, persona, msg, extra)
+        extra = {
+            BOUNCE_LIMIT_KEY: bounce_limit,
+            ANSWERS_KEY: msg.event_id,
+            **(reply_relation(msg) if group else {}),
+        }
+        stream = LiveReply(self, intent, persona, msg, extra, existing=existing)
         self.last_reply = stream
         prompt: Prompt | None = None
         chapter: Chapter | None = None
@@ -211,6 +285,9 @@ class ReplyService:
             )
             async for piece in gen:
                 await stream.add(piece)
+            metrics.observe_generation(
+                gen.stats, self.model_name(gen.stats, persona.model or "default")
+            )
             log.info(
                 "reply done: %d tokens, ttft %.2fs, %d edits",
                 gen.stats.completion_tokens,
@@ -234,7 +311,10 @@ class ReplyService:
                 notice=True,
                 persona=persona.name,
             )
-        elif prompt is not None and chapter is not None:
+            await self._settle(persona, msg, "failed", event_id)
+            return event_id
+        await self._settle(persona, msg, "done", event_id)  # the final edit is out
+        if prompt is not None and chapter is not None:
             self._maybe_summarize(persona, msg.room_id, prompt, chapter)
         return event_id
 
@@ -285,18 +365,25 @@ class LiveReply:
         persona: Persona,
         msg: StoredMessage,
         extra: dict[str, object],
+        *,
+        existing: str | None = None,
     ) -> None:
+        """``existing``: a reply already posted (a resumed job); it is edited, never re-sent."""
         cfg = service.config.replies
         self.service = service
         self.intent = intent
         self.persona = persona
         self.msg = msg
         self.extra = extra
-        self.streaming = cfg.streaming
+        # A resumed reply is already on screen: one final edit, no replayed stream.
+        self.streaming = cfg.streaming and existing is None
         self.show_thinking = cfg.show_thinking
         self.throttle = EditThrottle(interval_s=cfg.edit_interval_s, max_edits=cfg.max_edits)
         self.raw = ""
-        self.event_id: str | None = None
+        self.event_id: str | None = existing
+        # Edits of a resumed reply get txn ids of their own: reusing the first
+        # run's would make Synapse answer with that run's (partial) edit.
+        self._edit_tag = "resume-edit" if existing else "edit"
         self.edits_sent = 0
         self.first_visible_s: float | None = None
         self._started = time.monotonic()
@@ -321,7 +408,7 @@ class LiveReply:
             return
         sender, msg, persona = self.service.sender, self.msg, self.persona
         html = markdown_to_html(text)
-        if kind == "send" or self.event_id is None:
+        if self.event_id is None:
             self.first_visible_s = time.monotonic() - self._started
             self.event_id = await sender.send_text(
                 self.intent,
@@ -332,6 +419,8 @@ class LiveReply:
                 persona=persona.name,
                 extra=self.extra,
             )
+            if self.service.jobs is not None:  # a resume now edits this instead of posting
+                await self.service.jobs.set_reply_event(msg.event_id, persona.name, self.event_id)
         else:
             self.edits_sent += 1
             await sender.edit_text(
@@ -339,8 +428,11 @@ class LiveReply:
                 msg.room_id,
                 self.event_id,
                 text,
-                txn_id=stable_txn_id(msg.event_id, persona.mxid, "edit", str(self.edits_sent)),
+                txn_id=stable_txn_id(
+                    msg.event_id, persona.mxid, self._edit_tag, str(self.edits_sent)
+                ),
                 html=html,
+                persona=persona.name,
             )
 
 

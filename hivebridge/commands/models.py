@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from .. import metrics
 from ..catalogue import ModelCatalogue
 from ..config import Config
 from ..db.endpoints import EndpointStore, StoredEndpoint
@@ -149,6 +150,9 @@ class ModelCommands:
             raise UserError(f"No model {ref[:60]!r}; !models lists ids, names and aliases.")
         verdict = await self.limits.check(ctx.sender, ctx.room_id)
         if not verdict.allowed:
+            metrics.ROUTING_RATE_LIMITED.labels(
+                metrics.bounded(verdict.scope, metrics.RATE_LIMIT_SCOPES)
+            ).inc()
             if verdict.notify:
                 await ctx.reply(verdict.message)
             return  # silent until the announced time
@@ -178,6 +182,7 @@ class ModelCommands:
             answer += f"\n{note}"
         await ctx.reply(answer)
         stats = gen.stats
+        metrics.observe_generation(stats, self.catalogue.model_of(stats, name))
         try:
             await self.limits.record(
                 user=ctx.sender,

@@ -17,6 +17,7 @@ from typing import Any
 
 import openai
 
+from .. import metrics
 from .types import BackendUnavailable, ChatMessage, GenerationStats, InferenceError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,40 @@ class RemoteError(InferenceError):
     transient = False
     endpoint_fault = True
 
-    def __init__(self, message: str, *, endpoint: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str,
+        status: int | None = None,
+        kind: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.endpoint = endpoint
         self.status = status
+        self._kind = kind
+
+    @property
+    def kind(self) -> str:
+        """The ``kind`` label of ``hivebridge_endpoint_errors`` for this failure."""
+        if self._kind is not None:
+            return self._kind
+        status = self.status
+        if status in (401, 403):
+            return "auth"
+        if status == 429:
+            return "rate_limited"
+        if status is not None and status >= 500:
+            return "http_5xx"
+        if status is not None and status >= 400:
+            return "http_4xx"
+        return "bad_response"
+
+
+def count_error(err: RemoteError) -> None:
+    """Count a failed endpoint call, labelled by the endpoint's name (never its URL or key)."""
+    kind = metrics.bounded(err.kind, metrics.ENDPOINT_ERROR_KINDS)
+    metrics.ENDPOINT_ERRORS.labels(metrics.endpoint_label(err.endpoint), kind).inc()
 
 
 class EndpointUnavailable(RemoteError, BackendUnavailable):
@@ -161,7 +192,9 @@ class RemoteEndpoint:
             page = await client.models.list()
             ids = [m.id for m in page.data]
         except Exception as exc:
-            raise self.map_error(exc) from None
+            err = self.map_error(exc)
+            count_error(err)
+            raise err from None
         self.models = ids
         return ids
 
@@ -224,9 +257,11 @@ class RemoteEndpoint:
         if isinstance(exc, RemoteError):
             return exc
         if isinstance(exc, openai.APITimeoutError):
-            return EndpointUnavailable(f"endpoint {name}: timed out", endpoint=name)
+            return EndpointUnavailable(f"endpoint {name}: timed out", endpoint=name, kind="timeout")
         if isinstance(exc, openai.APIConnectionError):
-            return EndpointUnavailable(f"endpoint {name}: cannot connect", endpoint=name)
+            return EndpointUnavailable(
+                f"endpoint {name}: cannot connect", endpoint=name, kind="connect"
+            )
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             detail = self.scrub(_status_detail(exc))
@@ -246,7 +281,9 @@ class RemoteEndpoint:
             return EndpointUnavailable(f"endpoint {name}: {self.scrub(str(exc))}", endpoint=name)
         # Transport errors escaping the client mid-stream (httpx read errors etc.).
         return EndpointUnavailable(
-            f"endpoint {name}: {type(exc).__name__}: {self.scrub(str(exc))}", endpoint=name
+            f"endpoint {name}: {type(exc).__name__}: {self.scrub(str(exc))}",
+            endpoint=name,
+            kind="timeout" if isinstance(exc, TimeoutError) else "connect",
         )
 
 
@@ -360,6 +397,7 @@ class RemoteGeneration:
                     raise StreamInterrupted(
                         f"endpoint {ep.name}: stream broke after the reply started ({err})",
                         endpoint=ep.name,
+                        kind=err.kind,
                     ) from None
                 raise err from None
             if finish is None:
@@ -374,9 +412,11 @@ class RemoteGeneration:
             if stats.finish_reason is None:
                 stats.finish("cancelled")
             raise
-        except BaseException:
+        except BaseException as exc:
             if stats.finish_reason is None:
                 stats.finish("error")
+            if isinstance(exc, RemoteError):
+                count_error(exc)  # once per failed request, wherever in it it failed
             raise
         finally:
             await self._close_stream()

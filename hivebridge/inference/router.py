@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .. import metrics
 from .health import BreakerConfig, BreakerState, CircuitBreaker
 from .remote import EndpointTimeouts, RemoteEndpoint, RemoteError
 from .types import (
@@ -393,6 +394,7 @@ class RoutedGeneration:
         self._inner_iter: AsyncIterator[str] | None = None
         self._served_slot: _Slot | None = None
         self._probe: CircuitBreaker | None = None  # breaker awaiting this request's verdict
+        self._leaving: list[str] = []  # endpoints failed or skipped, not yet moved off
         self._closed = False
         self._iter = self._run()
 
@@ -428,6 +430,17 @@ class RoutedGeneration:
         if name not in self.failed_over_from:
             self.failed_over_from.append(name)
         self.notes.append(note)
+
+    def _moving_to(self, name: str) -> None:
+        """Count a failover from each endpoint left behind, now that ``name`` is tried.
+
+        Counted here, not at the failure, so a retry of the same endpoint is no
+        failover and a request with nowhere left to go counts none.
+        """
+        for left in self._leaving:
+            if left != name:
+                metrics.ENDPOINT_FAILOVERS.labels(metrics.endpoint_label(left)).inc()
+        self._leaving.clear()
 
     async def _start(self, gen: Generation) -> str | None:
         """Wait for the first piece; None means the answer is empty (still a success)."""
@@ -508,6 +521,7 @@ class RoutedGeneration:
                         noted_open.add(name)
                         last = slot.breaker.last_error or "recent failures"
                         self._fail(name, f"endpoint {name} is cooling down ({last})")
+                        self._leaving.append(name)
                     continue
                 if name in tried:
                     await router._sleep(router._backoff(attempts))
@@ -515,6 +529,7 @@ class RoutedGeneration:
                 attempts += 1
                 progressed = True
                 self._probe = slot.breaker
+                self._moving_to(name)
                 started = time.monotonic()
                 try:
                     gen = slot.deployment.generate(
@@ -530,6 +545,7 @@ class RoutedGeneration:
                     if not exc.transient:
                         given_up.add(name)
                     self._fail(name, str(exc))
+                    self._leaving.append(name)
                     log.info("endpoint %s failed before the first token: %s", name, exc)
                     continue
                 except InferenceError as exc:
@@ -538,6 +554,7 @@ class RoutedGeneration:
                     if not isinstance(exc, BackendUnavailable):
                         given_up.add(name)
                     self._fail(name, str(exc))
+                    self._leaving.append(name)
                     continue
                 except Exception as exc:
                     await self._close_inner()
@@ -545,6 +562,7 @@ class RoutedGeneration:
                     slot.breaker.record_failure(type(exc).__name__)
                     given_up.add(name)
                     self._fail(name, f"endpoint {name} failed ({type(exc).__name__})")
+                    self._leaving.append(name)
                     continue
                 inner_ttft = self._inner.stats.ttft_s if self._inner is not None else None
                 slot.breaker.record_success(
@@ -569,6 +587,7 @@ class RoutedGeneration:
             self.notes.append(f"no endpoint serves model {self.model}")
         last: InferenceError | None = None
         for backend in candidates:
+            self._moving_to(backend.name)
             try:
                 first = await self._start(
                     backend.generate(self._messages, self._params, session=self.session)

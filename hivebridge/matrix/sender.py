@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
+from aiohttp import ClientError
 from mautrix.appservice import IntentAPI
-from mautrix.types import EventType, MessageType, TextMessageEventContent
+from mautrix.errors import (
+    MatrixConnectionError,
+    MatrixRequestError,
+    MForbidden,
+    MLimitExceeded,
+    MNotFound,
+)
+from mautrix.types import EventType, MessageType, PaginationDirection, TextMessageEventContent
 
+from .. import metrics
 from ..db.messages import MessageStore
 from .intake import stored_from_event
 
@@ -17,24 +28,114 @@ log = logging.getLogger("hivebridge.sender")
 
 #: MSC4295: how many more persona-to-persona hops a message may cause.
 BOUNCE_LIMIT_KEY = "io.github.m13253.bounce_limit"
+#: The event a persona's reply answers, in every reply (DM or group, with or without
+#: m.in_reply_to): how a resumed reply finds one that was already posted.
+ANSWERS_KEY = "io.github.hivebridge.answers"
+
+#: Sends that fail on the way (connection refused, timeout, 5xx, 429) are retried
+#: with exponential backoff from this first pause, up to SEND_RETRY_MAX_DELAY_S ...
+SEND_RETRY_FIRST_DELAY_S = 0.5
+SEND_RETRY_MAX_DELAY_S = 8.0
+#: ... for at most this long in all, then the error is raised.
+SEND_RETRY_FOR_S = 90.0
+#: How many events of a persona a resume reads back when looking for its posted reply.
+FIND_REPLY_SCAN = 200
+
+T = TypeVar("T")
+
+
+def send_error_kind(exc: BaseException) -> str | None:
+    """The ``kind`` label of a failed homeserver call; None when it is not a send failure."""
+    if isinstance(exc, MLimitExceeded):
+        return "rate_limited"
+    if isinstance(exc, MatrixRequestError):
+        if exc.http_status == 429:  # a 429 without the M_LIMIT_EXCEEDED errcode
+            return "rate_limited"
+        if isinstance(exc, MForbidden) or exc.http_status == 403:
+            return "forbidden"
+        if isinstance(exc, MNotFound) or exc.http_status == 404:
+            return "not_found"
+        return "http"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, MatrixConnectionError | ClientError | OSError):
+        return "network"
+    return None
+
+
+async def counted(call: Awaitable[T]) -> T:
+    """Await a homeserver call, counting its failure by kind (then re-raising it).
+
+    mautrix raises instead of retrying a 429, so each one is also counted as the
+    homeserver rate limiting us: the signal to raise the appservice's limits.
+    """
+    try:
+        return await call
+    except Exception as e:
+        kind = send_error_kind(e)
+        if kind is not None:
+            metrics.MATRIX_SEND_ERRORS.labels(metrics.bounded(kind, metrics.SEND_ERROR_KINDS)).inc()
+            if kind == "rate_limited":
+                metrics.HOMESERVER_RATE_LIMITED.inc()
+        raise
+
+
+def retryable(exc: BaseException) -> bool:
+    """A failure worth retrying: the homeserver unreachable, overloaded or restarting.
+
+    4xx answers other than 429 (forbidden, not found, bad request) are final.
+    """
+    if isinstance(exc, MatrixRequestError):
+        return exc.http_status == 429 or exc.http_status >= 500
+    return isinstance(exc, MatrixConnectionError | ClientError | OSError | asyncio.TimeoutError)
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]], *, retry_for_s: float = SEND_RETRY_FOR_S, what: str = "send"
+) -> T:
+    """Run ``call`` until it succeeds, retrying retryable failures with backoff (bounded).
+
+    mautrix's IntentAPI does not retry, so a homeserver restart of a few seconds
+    would otherwise cost every reply in flight. Retrying a send is safe because
+    every send carries a stable transaction id (see :func:`stable_txn_id`).
+    """
+    deadline = time.monotonic() + retry_for_s
+    delay = SEND_RETRY_FIRST_DELAY_S
+    while True:
+        try:
+            return await call()
+        except Exception as e:
+            if not retryable(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, e, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, SEND_RETRY_MAX_DELAY_S)
 
 
 def stable_txn_id(*parts: str) -> str:
     """A transaction id derived from what the message answers.
 
-    Synapse deduplicates sends by (user, txn id), so retrying a reply after a
-    crash with the same id cannot post it twice.
+    A retried or resumed send reuses it, so Synapse can answer with the event it
+    already made instead of posting again. For appservice users (no device id)
+    that dedupe is Synapse's in-memory HttpTransactionCache only, keyed by the
+    request path (room and txn id) and the appservice: it is lost when Synapse
+    restarts and forgotten after 30-60 minutes (the persistent
+    event_txn_id_device_id table needs a device). So it covers retries and quick
+    bridge restarts; a resumed reply also looks for one already posted
+    (:meth:`Sender.find_reply`) before sending.
     """
     return "hb" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 class Sender:
-    def __init__(self, messages: MessageStore) -> None:
+    def __init__(self, messages: MessageStore, *, retry_for_s: float = SEND_RETRY_FOR_S) -> None:
         self.messages = messages
+        #: How long one send keeps retrying while the homeserver is unreachable.
+        self.retry_for_s = retry_for_s
 
     async def typing(self, intent: IntentAPI, room_id: str, on: bool) -> None:
         try:
-            await intent.set_typing(room_id, timeout=30_000 if on else 0)  # type: ignore[arg-type]
+            await counted(intent.set_typing(room_id, timeout=30_000 if on else 0))  # type: ignore[arg-type]
         except Exception as e:  # typing is cosmetic; never fail a reply over it
             log.debug("typing failed in %s: %s", room_id, e)
 
@@ -58,12 +159,19 @@ class Sender:
             content.formatted_body = html
         for key, value in (extra or {}).items():
             content[key] = value
-        event_id = await intent.send_message_event(
-            room_id,  # type: ignore[arg-type]
-            EventType.ROOM_MESSAGE,
-            content,
-            txn_id=txn_id,
+        event_id = await with_retries(
+            lambda: counted(
+                intent.send_message_event(
+                    room_id,  # type: ignore[arg-type]
+                    EventType.ROOM_MESSAGE,
+                    content,
+                    txn_id=txn_id,
+                )
+            ),
+            retry_for_s=self.retry_for_s,
         )
+        if persona is not None and not notice:  # a persona's answer, not a notice
+            metrics.MATRIX_REPLIES_SENT.labels(metrics.persona_label(persona)).inc()
         # Stored unhandled: when the homeserver echoes it back, intake routes it
         # once, so other personas in the room can be addressed by it.
         row = stored_from_event(
@@ -90,6 +198,7 @@ class Sender:
         *,
         txn_id: str,
         html: str | None = None,
+        persona: str | None = None,
     ) -> str:
         """Replace the text of ``event_id`` (m.replace); clients show the new content."""
         content = TextMessageEventContent(msgtype=MessageType.TEXT, body=text)
@@ -98,10 +207,64 @@ class Sender:
             content.formatted_body = html
         # mautrix serializes an edit with m.new_content and the "* " fallback body.
         content.set_edit(event_id)  # type: ignore[arg-type]
-        edit_id = await intent.send_message_event(
-            room_id,  # type: ignore[arg-type]
-            EventType.ROOM_MESSAGE,
-            content,
-            txn_id=txn_id,
+        edit_id = await with_retries(
+            lambda: counted(
+                intent.send_message_event(
+                    room_id,  # type: ignore[arg-type]
+                    EventType.ROOM_MESSAGE,
+                    content,
+                    txn_id=txn_id,
+                )
+            ),
+            retry_for_s=self.retry_for_s,
+            what="edit",
         )
+        metrics.MATRIX_EDITS_SENT.labels(metrics.persona_label(persona)).inc()
         return str(edit_id)
+
+    async def find_reply(
+        self, intent: IntentAPI, room_id: str, answers: str, since_ts: int
+    ) -> str | None:
+        """The event id of a reply by ``intent``'s user to ``answers`` already in the room.
+
+        A resumed reply asks before sending: stored outbound first (written right
+        after a send returned), then the room itself, newest first, back to
+        ``since_ts``, for a message of that user carrying :data:`ANSWERS_KEY`. The
+        room covers what Synapse's transaction cache may not (see
+        :func:`stable_txn_id`): a send that landed just before the crash.
+        """
+        sender = str(intent.mxid)
+        for m in await self.messages.recent(room_id, since_ts, FIND_REPLY_SCAN):
+            if m.sender == sender and m.content.get(ANSWERS_KEY) == answers:
+                return m.event_id
+        token: str | None = None
+        seen = 0
+        query = {"senders": [sender], "types": ["m.room.message"]}
+        while seen < FIND_REPLY_SCAN:
+
+            async def page_from(start: str | None = token) -> tuple[str | None, list[Any]]:
+                page = await intent.get_messages(
+                    room_id,  # type: ignore[arg-type]
+                    PaginationDirection.BACKWARD,
+                    from_token=start,  # type: ignore[arg-type]
+                    limit=50,
+                    filter_json=query,
+                )
+                # PaginatedMessages(start, end, events); mypy cannot see its fields.
+                _, end, events = cast("tuple[str, str | None, list[Any]]", page)
+                return end, events
+
+            end, events = await with_retries(
+                page_from, retry_for_s=self.retry_for_s, what="room scan"
+            )
+            for event in events:
+                seen += 1
+                if event.timestamp < since_ts:
+                    return None
+                content = event.content.serialize() if event.content else {}
+                if content.get(ANSWERS_KEY) == answers:
+                    return str(event.event_id)
+            if not events or not end:
+                return None
+            token = end
+        return None
