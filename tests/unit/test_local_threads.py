@@ -1,0 +1,39 @@
+"""The decode thread tuner switches to one thread when that is clearly cheaper."""
+
+from __future__ import annotations
+
+from hivebridge.inference.local.threads import ThreadTuner
+
+
+def drive(tuner: ThreadTuner, cost: dict[int, float], steps: int) -> None:
+    for _ in range(steps):
+        tuner.record(4, 4 * cost[tuner.threads])
+
+
+def test_switches_to_one_thread_under_contention_and_back() -> None:
+    applied: list[tuple[int, int]] = []
+    tuner = ThreadTuner(lambda t, tb: applied.append((t, tb)), 2, 2, window=4, explore_every=3)
+    drive(tuner, {2: 0.040, 1: 0.015}, 200)  # contention: 2 threads spin-wait
+    assert tuner.chosen_threads == 1
+    drive(tuner, {2: 0.010, 1: 0.015}, 200)  # contention gone
+    assert tuner.chosen_threads == 2
+    assert (2, 2) in applied[applied.index((1, 1)) :]
+
+
+def test_stays_put_when_probe_is_not_better() -> None:
+    tuner = ThreadTuner(lambda t, tb: None, 2, 2, window=4, explore_every=3)
+    drive(tuner, {2: 0.010, 1: 0.015}, 400)
+    assert tuner.chosen_threads == 2
+
+
+def test_single_core_never_tunes() -> None:
+    tuner = ThreadTuner(lambda t, tb: None, 1, 1)
+    drive(tuner, {1: 0.01}, 100)
+    assert tuner.switches == 0
+
+
+def test_prefill_steps_are_ignored() -> None:
+    tuner = ThreadTuner(lambda t, tb: None, 2, 2, window=2, explore_every=1)
+    for _ in range(50):
+        tuner.record(256, 1.0)
+    assert tuner.switches == 0
