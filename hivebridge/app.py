@@ -35,8 +35,9 @@ from .db.txns import TxnStore
 from .db.usage import RateLimitStore, UsageStore
 from .events import EventRouter
 from .inference.bundled import bundled_model_path
+from .inference.local.engine import LocalEngine
+from .inference.local.settings import EngineSettings
 from .inference.router import InferenceRouter
-from .inference.serial import SerialLlamaBackend
 from .inference.types import Backend, GenerationStats
 from .limits import Limits
 from .matrix.intake import Intake
@@ -63,6 +64,17 @@ def resolve_model_path(config: Config) -> Path:
     return path
 
 
+def engine_settings(config: Config) -> EngineSettings:
+    """The local engine's settings from config; KV snapshots live under data_dir."""
+    local = config.inference.local
+    return EngineSettings(
+        n_ctx=local.n_ctx,
+        n_seq_max=local.n_seq_max,
+        threads=local.threads or None,
+        snapshot_dir=config.data_path / "kv-snapshots",
+    )
+
+
 class Bridge:
     """A running hivebridge: database, appservice, personas and inference."""
 
@@ -71,7 +83,7 @@ class Bridge:
         self.registration_path = Path(registration_path)
         self.db: Database | None = None
         self.appservice: Intake | None = None
-        self.local: SerialLlamaBackend | None = None
+        self.local: LocalEngine | None = None
         self.router: EventRouter | None = None
         self.personas: PersonaDirectory | None = None
         self.web: WebServer | None = None
@@ -106,11 +118,7 @@ class Bridge:
             state_store=state_store,
             log=logging.getLogger("hivebridge.appservice"),
         )
-        self.local = SerialLlamaBackend(
-            resolve_model_path(config),
-            n_ctx=config.inference.local.n_ctx,
-            threads=config.inference.local.threads,
-        )
+        self.local = LocalEngine(resolve_model_path(config), engine_settings(config))
         await self._load_local(self.local)
         self.personas = personas = PersonaDirectory(config, PersonaStore(db), appservice)
         self.lifecycle = PersonaLifecycle(personas)
@@ -161,11 +169,11 @@ class Bridge:
             config.bot_mxid,
         )
 
-    async def _load_local(self, local: SerialLlamaBackend) -> None:
+    async def _load_local(self, local: LocalEngine) -> None:
         """Load the local model, recording how long it took and what it holds.
 
-        The serial backend reports no memory use; the GGUF file's size is the
-        weights' share, which dominates for the small contexts it runs.
+        Memory is reported as the GGUF file's size (the weights' share); the KV
+        pool is sized by inference.local.n_ctx on top of it.
         """
         label = metrics.model_label(local_model_name(local.model_path))
         started = time.monotonic()
