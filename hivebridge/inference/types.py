@@ -53,6 +53,7 @@ class GenerationStats:
     evaluated_tokens: int = 0  # prompt tokens actually prefilled
     completion_tokens: int = 0
     ttft_s: float | None = None
+    queue_wait_s: float | None = None  # submitted -> admitted (a local engine's queue)
     total_s: float = 0.0
     finish_reason: FinishReason | None = None
     started_at: float = field(default_factory=time.monotonic)

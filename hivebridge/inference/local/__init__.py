@@ -4,11 +4,12 @@ See docs/engine.md for the design (continuous batching, prefix reuse,
 snapshots, threads).
 """
 
-from .engine import LocalEngine, LocalGeneration
+from .engine import EngineLoad, LocalEngine, LocalGeneration
 from .registry import LocalModelRegistry, MemoryBudgetExceeded, ModelInfo
 from .settings import EngineSettings, SamplingDefaults, WorkerProfile, usable_cores
 
 __all__ = [
+    "EngineLoad",
     "EngineSettings",
     "LocalEngine",
     "LocalGeneration",

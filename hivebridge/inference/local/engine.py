@@ -61,6 +61,14 @@ class _Stop:
     drain_until: float  # monotonic deadline for in-flight requests; 0 = fail them now
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """A cheap, lock-free view of the queue for metrics: replaced whole after each step."""
+
+    waiting: int
+    active: int
+
+
 @dataclass(slots=True)
 class PreparedPrompt:
     """The prompt as the engine will run it (after template rendering and trimming)."""
@@ -96,6 +104,8 @@ class LocalGeneration:
         st.cached_tokens = u.cached_tokens
         st.evaluated_tokens = u.evaluated_tokens
         st.completion_tokens = u.completion_tokens
+        if u.queue_wait_s is not None:
+            st.queue_wait_s = u.queue_wait_s
         if u.first_token:
             st.mark_first_token()
         if u.text:
@@ -179,12 +189,18 @@ class LocalEngine:
         self._stopped = threading.Event()
         self._vocab_lock = threading.RLock()
         self.restored_personas = 0
+        self._load = EngineLoad(0, 0)
 
     # --- lifecycle ------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def load(self) -> EngineLoad:
+        """Requests waiting for admission and running, as of the last step (any thread)."""
+        return self._load
 
     @property
     def ready(self) -> bool:
@@ -499,3 +515,6 @@ class LocalEngine:
                 return
             if sched.has_work() and not sched.step():
                 time.sleep(0.005)  # waiting requests, none runnable yet
+            load = EngineLoad(len(sched.waiting), len(sched.active))
+            if load != self._load:
+                self._load = load

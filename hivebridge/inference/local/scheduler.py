@@ -45,6 +45,7 @@ class Update:
     finish: FinishReason | None = None
     error: Exception | None = None
     tokens: list[int] | None = None  # on finish: the completion's token ids
+    queue_wait_s: float | None = None  # submitted -> admitted, once admitted
 
 
 class Phase(enum.Enum):
@@ -76,6 +77,7 @@ class Request:
     detok: Detokenizer | None = None
     stop: StopMatcher | None = None
     submitted: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
 
 
 # A step's unit of work: (request, tokens to decode, want logits for the last one).
@@ -219,6 +221,7 @@ class Scheduler:
             if seq is None:
                 return None
         req.seq = seq
+        req.admitted = time.monotonic()
         seq.state = SeqState.BUSY
         req.n_past = len(seq.tokens)
         req.cached = req.n_past
@@ -475,6 +478,7 @@ class Scheduler:
     @staticmethod
     def _update(req: Request, **kw: Any) -> Update:
         return Update(
+            queue_wait_s=None if req.admitted is None else req.admitted - req.submitted,
             prompt_tokens=len(req.prompt),
             cached_tokens=req.cached,
             evaluated_tokens=req.evaluated,
