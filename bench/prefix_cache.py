@@ -23,7 +23,7 @@ from _common import emit, log, model_path, now, persona_prompt
 from hivebridge.inference.local import EngineSettings, LocalEngine
 from hivebridge.inference.types import ChatMessage, SamplingParams, collect
 
-SETTINGS = dict(n_ctx=8192, n_seq_max=8, max_seq_tokens=4096)
+SETTINGS = dict(n_ctx=8 * 2048, n_seq_max=8, max_seq_tokens=2048)
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0)
 PERSONA = ChatMessage("system", persona_prompt("Captain Mira", 48))
 

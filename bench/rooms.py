@@ -25,7 +25,7 @@ PERSONAS = [
 
 async def main() -> None:
     engine = LocalEngine(
-        model_path(), EngineSettings(n_ctx=16384, n_seq_max=24, max_seq_tokens=4096)
+        model_path(), EngineSettings(n_ctx=16 * 2048, n_seq_max=16, max_seq_tokens=2048)
     )
     await engine.start()
     histories = [[PERSONAS[r % 2]] for r in range(ROOMS)]

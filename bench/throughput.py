@@ -14,8 +14,9 @@ The peer is ``python -m llama_cpp.server`` (same model, --n_ctx 2048,
 KV state, so it only reuses a prefix from the request it served last.
 Engine and peer never run at the same time: they alternate round by round
 (one question from every room), each timed on its own rounds only.
-"engine" is the default configuration (unified KV); with --partitioned,
-"engine_partitioned_kv" is the same engine with ``kv_unified=False``.
+"engine" is the default configuration (partitioned KV, 16 sequences of
+1,536 tokens); with --unified, "engine_unified_kv" is the same engine with
+one shared KV pool (``kv_unified=True``, 8,192 cells) for comparison.
 
 Prints progress to stderr and one JSON line on stdout.
 """
@@ -39,7 +40,7 @@ from hivebridge.inference.types import ChatMessage, SamplingParams, collect
 
 LEVELS = (1, 4, 8)
 TURNS = 6  # like bench/rooms.py; override with --turns
-PARTITIONED = False
+UNIFIED = False
 MAX_TOKENS = 64
 PERSONAS = [
     ChatMessage("system", persona_prompt("Captain Mira", 10)),
@@ -75,9 +76,9 @@ async def engine_turn(
 
 async def new_engine(threads: int, kv_unified: bool) -> LocalEngine:
     settings = EngineSettings(
-        n_ctx=8192 if kv_unified else 16384,  # partitioned: 16 x 1,024 cells
+        n_ctx=8192 if kv_unified else 16 * 1536,  # partitioned: 16 x 1,536 cells
         n_seq_max=16,
-        max_seq_tokens=1024,
+        max_seq_tokens=1536,
         threads=threads,
         kv_unified=kv_unified,
     )
@@ -152,7 +153,7 @@ async def run_level(level: int, threads: int, url: str, sides: list[str]) -> dic
     completion tokens / the sum of its own round times.
     """
     engines = {
-        s: await new_engine(threads, s != "engine_partitioned_kv") for s in sides if s != "peer"
+        s: await new_engine(threads, s == "engine_unified_kv") for s in sides if s != "peer"
     }
     timeout = aiohttp.ClientTimeout(total=3600)
     spent = dict.fromkeys(sides, 0.0)
@@ -210,7 +211,7 @@ async def main() -> None:
     proc = subprocess.Popen(  # noqa: ASYNC220 - one server, stopped by its PID below
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    sides = ["engine", "peer"] + (["engine_partitioned_kv"] if PARTITIONED else [])
+    sides = ["engine", "peer"] + (["engine_unified_kv"] if UNIFIED else [])
     results: dict[str, dict[str, float]] = {side: {} for side in sides}
     load: list[float] = []
     try:
@@ -235,7 +236,7 @@ async def main() -> None:
             "ratio_vs_peer_1": round(engine["1"] / peer["1"], 2),
             "ratio_vs_peer_8": round(engine["8"] / peer["8"], 2),
             "ratio_vs_single_8": round(engine["8"] / engine["1"], 2),
-            **({"engine_partitioned_kv": results["engine_partitioned_kv"]} if PARTITIONED else {}),
+            **({"engine_unified_kv": results["engine_unified_kv"]} if UNIFIED else {}),
             "workload": f"{TURNS} turns x {MAX_TOKENS} tokens per room, ~330-token personas",
             "threads": threads,
             "loadavg_1m_after_level": load,  # other work on the box adds noise
@@ -246,7 +247,7 @@ async def main() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=TURNS, help="questions per room")
-    ap.add_argument("--partitioned", action="store_true", help="also run kv_unified=False")
+    ap.add_argument("--unified", action="store_true", help="also run kv_unified=True")
     args = ap.parse_args()
-    TURNS, PARTITIONED = args.turns, args.partitioned
+    TURNS, UNIFIED = args.turns, args.unified
     asyncio.run(main())

@@ -70,6 +70,7 @@ def engine_settings(config: Config) -> EngineSettings:
     return EngineSettings(
         n_ctx=local.n_ctx,
         n_seq_max=local.n_seq_max,
+        kv_unified=local.kv_unified,
         threads=local.threads or None,
         snapshot_dir=config.data_path / "kv-snapshots",
     )

@@ -151,10 +151,16 @@ class LocalInferenceConfig:
     model_path: str | None = None
     #: Extra directories scanned for ``*.gguf`` files.
     model_dirs: tuple[str, ...] = ()
-    #: Total KV cache, in tokens, shared by every sequence of the context.
-    n_ctx: int = 8192
-    #: Sequences (rooms and pinned persona prefixes) resident at once.
-    n_seq_max: int = 16
+    #: Total KV cache in tokens. Partitioned (the default): each of the n_seq_max
+    #: sequences gets n_ctx / n_seq_max of it, the most one room's prompt + reply
+    #: can use. Unified: one pool shared by all sequences.
+    n_ctx: int = 16384
+    #: Sequences (running rooms, idle rooms, pinned persona prefixes) resident at
+    #: once; rooms beyond it wait in RAM snapshots and come back in milliseconds.
+    n_seq_max: int = 8
+    #: One KV pool for all sequences (free forks, but every token attends over the
+    #: whole pool: batched decode of long rooms gets slower, docs/engine.md).
+    kv_unified: bool = False
     #: Decode threads; 0 means one per usable core, never more.
     threads: int = 0
 
@@ -165,6 +171,12 @@ class LocalInferenceConfig:
             raise ConfigError("inference.local.n_ctx", "must be at least 256")
         if not 1 <= self.n_seq_max <= 256:
             raise ConfigError("inference.local.n_seq_max", "must be between 1 and 256")
+        if not self.kv_unified and self.n_ctx // self.n_seq_max < 256:
+            raise ConfigError(
+                "inference.local.n_ctx",
+                f"must give each of the {self.n_seq_max} sequences at least 256 tokens "
+                f"(n_ctx >= {256 * self.n_seq_max}), or set kv_unified: true",
+            )
         if self.threads < 0:
             raise ConfigError("inference.local.threads", "must be 0 (auto) or more")
 

@@ -65,10 +65,17 @@ class SequencePool:
 
     # --- transitions -----------------------------------------------------------------
 
-    def take_free(self) -> Seq | None:
+    def take_free(self, *, high: bool = False) -> Seq | None:
+        """The lowest free id (running requests), or the highest (``high``: pinned prefixes).
+
+        Partitioned KV batches only consecutive sequence ids into one ubatch, so
+        running requests are packed low and long-lived pins kept out of their way.
+        """
         if not self.free:
             return None
-        seq = self.seqs[self.free.pop()]
+        sid = max(self.free) if high else min(self.free)
+        self.free.remove(sid)
+        seq = self.seqs[sid]
         seq.state = SeqState.BUSY
         return seq
 
@@ -117,6 +124,58 @@ class SequencePool:
             raise RuntimeError(f"could not copy sequence {src.id} to {dst.id}")
         if not self.truncate(dst, keep):
             raise RuntimeError(f"could not truncate sequence {dst.id}")
+
+    def swap(self, a: Seq, b: Seq) -> bool:
+        """Exchange the KV and bookkeeping of ``a`` and ``b`` (either may be FREE).
+
+        Partitioned KV only: llama.cpp batches consecutive sequence ids into one
+        ubatch, so running sequences are moved next to each other. The state is
+        copied now through get/set_data (~23 KB per token, milliseconds), never
+        with a lazy whole-stream ``seq_cp``. False if a restore failed; then both
+        sequences are left empty (the caller fails their requests).
+        """
+        if a is b:
+            return True
+        blobs = [self.state_bytes(s) if s.tokens else b"" for s in (a, b)]
+        metas = [(s.state, s.tokens, s.session, s.last_used) for s in (a, b)]
+        for s in (a, b):
+            self.detach(s)
+            L.llama_memory_seq_rm(self.model.mem, s.id, -1, -1)
+            self.ledger.remove(s.id)
+            s.tokens = []
+        ok = True
+        for dst, blob, (state, tokens, session, last_used) in zip(
+            (a, b), reversed(blobs), reversed(metas), strict=True
+        ):
+            if tokens and not self.load_state(dst, tuple(tokens), blob):
+                ok = False
+                state, tokens, session = SeqState.FREE, [], None
+            dst.state, dst.tokens, dst.session, dst.last_used = (
+                state,
+                list(tokens),
+                session,
+                last_used,
+            )
+        for s in (a, b):
+            self._reindex(s)
+        return ok
+
+    def _reindex(self, seq: Seq) -> None:
+        """Put ``seq`` back into the free list or the indexes its state calls for."""
+        if seq.state is SeqState.FREE:
+            if seq.id not in self.free:
+                self.free.append(seq.id)
+            seq.session = None
+            return
+        if seq.id in self.free:
+            self.free.remove(seq.id)
+        if seq.state is SeqState.IDLE:
+            if seq.session is not None:
+                self.sessions[seq.session] = seq.id
+            self.trie.insert(seq.id, seq.tokens)
+        elif seq.state is SeqState.PINNED:
+            self.personas[tuple(seq.tokens)] = seq.id
+            self.trie.insert(seq.id, seq.tokens)
 
     def park(self, seq: Seq, session: str | None) -> None:
         """A finished request's sequence becomes IDLE and reusable."""

@@ -32,20 +32,21 @@ class SamplingDefaults:
 class EngineSettings:
     """Everything one LocalEngine needs besides the model path.
 
-    The KV pool (``n_ctx``) is shared by all sequences (unified KV): persona
-    prefixes, idle room sequences and running requests. ~23 KB per token for
-    SmolLM2-135M f16, so 16,384 tokens cost ~370 MB.
+    Partitioned KV (the default): each of the ``n_seq_max`` sequences owns
+    ``n_ctx / n_seq_max`` cells and attends only over its own, so batched
+    decode of many long rooms stays cheap. ~23 KB per token for SmolLM2-135M
+    f16: 16,384 tokens cost ~380 MB.
     """
 
     n_ctx: int = 16384
-    """KV pool size in tokens, shared by every sequence."""
-    n_seq_max: int = 32
-    """Number of sequence ids (pinned personas + idle rooms + running requests)."""
-    kv_unified: bool = True
+    """KV cache in tokens: n_ctx / n_seq_max per sequence, or one shared pool if unified."""
+    n_seq_max: int = 8
+    """Sequence ids (pinned personas + idle rooms + running requests)."""
+    kv_unified: bool = False
     """One KV buffer for all sequences: forks are free (shared cells), but every token
-    attends over all used cells of the pool. False = one partition of n_ctx/n_seq_max
-    cells per sequence: attention only over the sequence's own cells (much faster decode
-    with many long rooms resident), forks copy KV data (milliseconds). See docs/engine.md.
+    attends over all used cells of the pool, so 8 rooms of ~900 tokens decode no faster
+    together than one alone. False = one partition per sequence: attention only over the
+    sequence's own cells; forks and moves copy KV data (milliseconds). See docs/engine.md.
     """
     n_batch: int = 512
     n_ubatch: int = 512
