@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from hivebridge.db.resilience import is_connection_lost, retry_when_lost
+from hivebridge.events import HandledMarks
 
 LOST = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
@@ -75,3 +76,31 @@ async def test_other_errors_and_the_last_loss_are_raised() -> None:
     with pytest.raises(asyncpg.ConnectionDoesNotExistError):
         await retry_when_lost(down, (0, 0), what="test")
     assert calls == [False, True, True]
+
+
+class FlakyMessages:
+    """mark_handled_many() that loses its connection once."""
+
+    def __init__(self) -> None:
+        self.marked: list[str] = []
+        self.fail_next = True
+
+    async def mark_handled_many(self, event_ids: list[str]) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise LOST
+        self.marked.extend(event_ids)
+
+
+async def test_handled_marks_survive_a_lost_connection() -> None:
+    store = FlakyMessages()
+    marks = HandledMarks(store, delay=3600)  # type: ignore[arg-type]
+    marks.add("$a")
+    marks.add("$b")
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await marks.flush()
+    marks.add("$c")
+    await marks.flush()
+    assert store.marked == ["$a", "$b", "$c"]
+    assert marks._task is not None
+    marks._task.cancel()
