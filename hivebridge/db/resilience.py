@@ -52,7 +52,8 @@ _SERVER_GONE = (
 )
 #: asyncpg's words for a connection it knows to be closed before it sends anything.
 _CLOSED_WORDS = ("connection is closed", "underlying connection is closed")
-#: The protocol state a connection is stuck in after an unsolicited FATAL (error-consume).
+#: A connection stuck after an unsolicited FATAL: 2 is asyncpg's PROTOCOL_ERROR_CONSUME
+#: (asyncpg/protocol/coreproto.pxd). Any other "another operation" is a bug, not an outage.
 _STUCK_WORDS = "another operation (2) is in progress"
 
 
@@ -106,7 +107,9 @@ def _never_sent(exc: BaseException) -> bool:
         return True  # refused by the client's protocol state, or no session yet
     if isinstance(exc, asyncpg.InterfaceError):
         return True  # is_connection_lost() admits only "connection is closed" here
-    return isinstance(exc, OSError)  # raised while connecting: nothing was sent
+    # A raw socket error comes from connecting or from a write the closed peer refused;
+    # a connection lost while awaiting an answer is ConnectionDoesNotExistError instead.
+    return isinstance(exc, OSError)
 
 
 def _read_only(query: str) -> bool:
