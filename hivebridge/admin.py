@@ -5,26 +5,24 @@ bridge's parts and nothing of HTTP. Everything it returns is plain JSON data and
 never holds a secret: endpoint URLs and keys stay out, personas are listed
 without their system prompts.
 
-It also samples the local engine's gauges (queue depth, resident sequences),
-which only the engine itself can tell and which would otherwise need the
-engine to import the metrics module.
+It also tells the metrics module what the local engines are doing (queue depth,
+active sequences): only an engine knows, and the engines must not import metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from mautrix.appservice import IntentAPI
 from mautrix.util.async_db import Database
 
-from . import metrics
 from .catalogue import ModelCatalogue, ModelEntry
 from .db.usage import Tally, UsageStore
+from .inference.local.engine import LocalEngine
 from .inference.types import Backend
 from .personas import PersonaDirectory
 from .routing.rate_limit import utc_day
@@ -34,8 +32,6 @@ log = logging.getLogger("hivebridge.admin")
 
 #: Seconds a readiness check may take before it counts as failed.
 CHECK_TIMEOUT_S = 5.0
-#: Seconds between two samples of the local engine's gauges.
-GAUGE_INTERVAL_S = 5.0
 
 #: ``load(name)`` / ``unload(name)`` of a local model, when the local backend can.
 ModelAction = Callable[[str], Awaitable[None]]
@@ -234,31 +230,15 @@ async def _engine_state(backend: Backend) -> dict[str, Any] | None:
     return dict(state) if isinstance(state, dict) else None
 
 
-async def sample_engine_gauges(model: str, backend: Backend) -> bool:
-    """Set queue depth and resident sequences of ``model`` from its engine; False if unknown.
+def engine_loads(backends: Mapping[str, Backend]) -> dict[str, tuple[int, int]]:
+    """(requests waiting, sequences active) of every local engine, by model name.
 
-    The serial backend keeps no such state and is skipped; the batching engine
-    reports its scheduler's ``waiting`` requests and sequences in use.
+    Read from ``LocalEngine.load``, lock-free and on any thread, so a scrape
+    costs the engine nothing; other backends (remote endpoints) have no queue here.
     """
-    state = await _engine_state(backend)
-    if state is None:
-        return False
-    label = metrics.model_label(model)
-    waiting = state.get("waiting")
-    if isinstance(waiting, int):
-        metrics.INFERENCE_QUEUE_DEPTH.labels(label).set(waiting)
-    resident = [state.get(k) for k in ("busy", "idle", "pinned")]
-    if all(isinstance(v, int) for v in resident):
-        metrics.INFERENCE_ACTIVE_SEQUENCES.labels(label).set(sum(v for v in resident if v))
-    return True
-
-
-async def engine_gauges_loop(
-    backends: Callable[[], dict[str, Backend]], interval_s: float = GAUGE_INTERVAL_S
-) -> None:
-    """Sample every loaded local engine's gauges until cancelled."""
-    while True:
-        for model, backend in list(backends().items()):
-            with contextlib.suppress(Exception):
-                await sample_engine_gauges(model, backend)
-        await asyncio.sleep(interval_s)
+    loads: dict[str, tuple[int, int]] = {}
+    for model, backend in backends.items():
+        if isinstance(backend, LocalEngine):
+            load = backend.load
+            loads[model] = (load.waiting, load.active)
+    return loads

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.util.async_db import Database
 
 from . import metrics
-from .admin import BridgeAdmin, engine_gauges_loop
+from .admin import BridgeAdmin, engine_loads
 from .catalogue import ModelCatalogue, local_model_name, scan_local_models
 from .commands.base import CommandTable
 from .commands.context import ContextCommands
@@ -96,7 +96,7 @@ class Bridge:
         #: The admin API's listener (``admin_api.token`` set); ``web`` serves metrics.
         self.admin_web: WebServer | None = None
         self.admin: BridgeAdmin | None = None
-        self._gauges: asyncio.Task[None] | None = None
+        self._unwatch_engines: Callable[[], None] | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -215,8 +215,7 @@ class Bridge:
             )
             await self.admin_web.start()
         catalogue = self.catalogue
-        if any(hasattr(b, "inspect") for b in catalogue.loaded.values()):
-            self._gauges = asyncio.create_task(engine_gauges_loop(lambda: catalogue.loaded))
+        self._unwatch_engines = metrics.watch_engines(lambda: engine_loads(catalogue.loaded))
 
     async def _unfinished(self, messages: MessageStore, jobs: ReplyJobStore) -> list[StoredMessage]:
         """What a crash left undone: unhandled messages and messages with pending
@@ -327,11 +326,9 @@ class Bridge:
         return self.local
 
     async def stop(self) -> None:
-        if self._gauges is not None:
-            self._gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._gauges
-            self._gauges = None
+        if self._unwatch_engines is not None:
+            self._unwatch_engines()
+            self._unwatch_engines = None
         if self.admin_web is not None:
             await self.admin_web.stop()
         if self.web is not None:

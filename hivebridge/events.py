@@ -16,6 +16,7 @@ from .commands.base import CommandContext, CommandTable
 from .config import Config
 from .db.messages import MessageStore, StoredMessage
 from .db.personas import Persona
+from .db.resilience import is_connection_lost, retry_when_lost
 from .db.rooms import RoomStore
 from .limits import Limits
 from .matrix.room_queues import RoomQueues
@@ -38,6 +39,9 @@ log = logging.getLogger("hivebridge.events")
 
 #: Threads remembered per room for "follow-ups in a thread it was addressed in".
 MAX_THREADS_PER_ROOM = 256
+#: Pauses before handling an event again after the database connection was lost;
+#: the room waits meanwhile, so its order holds.
+DB_RETRY_DELAYS_S = (0.25, 1.0, 3.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +114,36 @@ class EventRouter:
 
     async def _handle(self, room_id: str, work: RoomWork) -> None:
         if isinstance(work.event, StateEvent):
-            await self._on_member(room_id, work.event)
+            event = work.event
+            await retry_when_lost(
+                lambda _again: self._on_member(room_id, event),
+                DB_RETRY_DELAYS_S,
+                what="routing",
+                extra={"room_id": room_id},
+            )
         elif work.message is not None:
+            msg = work.message
             try:
-                await self._on_message(room_id, work.message, resumed=work.resumed)
-            finally:
-                self.handled.add(work.message.event_id)
+                # Again after a lost connection means resumed: a persona whose reply job
+                # was written answers through it, so none answers twice.
+                await retry_when_lost(
+                    lambda again: self._on_message(room_id, msg, resumed=work.resumed or again),
+                    DB_RETRY_DELAYS_S,
+                    what="routing",
+                    extra={"room_id": room_id},
+                )
+            except Exception as e:
+                if is_connection_lost(e):
+                    # Not marked handled: the next start resumes it.
+                    log.warning(
+                        "database unavailable; message %s left for the next start",
+                        msg.event_id,
+                        extra={"room_id": room_id},
+                    )
+                    return
+                self.handled.add(msg.event_id)
+                raise
+            self.handled.add(msg.event_id)
 
     async def drain(self) -> None:
         """Wait until everything queued is handled and marked so in the database."""
@@ -418,12 +446,24 @@ class HandledMarks:
 
     async def _later(self) -> None:
         await asyncio.sleep(self.delay)
-        await self.flush()
+        while True:
+            try:
+                await self.flush()
+                return
+            except Exception as e:
+                if not is_connection_lost(e):
+                    raise
+                log.warning("could not mark messages handled (%s); again soon", type(e).__name__)
+                await asyncio.sleep(max(self.delay, DB_RETRY_DELAYS_S[-1]))
 
     async def flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            await self.messages.mark_handled_many(batch)
+            try:
+                await self.messages.mark_handled_many(batch)
+            except BaseException:
+                self._pending[:0] = batch  # kept for the next flush (the UPDATE is idempotent)
+                raise
 
 
 def _is_edit(msg: StoredMessage) -> bool:

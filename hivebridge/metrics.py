@@ -13,8 +13,10 @@ them through :func:`persona_label`, :func:`model_label` or :func:`endpoint_label
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -25,6 +27,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .inference.types import GenerationStats
@@ -41,7 +45,10 @@ __all__ = [
     "persona_label",
     "reason_label",
     "render",
+    "watch_engines",
 ]
+
+log = logging.getLogger("hivebridge.metrics")
 
 #: The label value that every value beyond a cap is mapped to.
 OTHER = "other"
@@ -169,6 +176,77 @@ def event_type_label(event_type: object) -> str:
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+#: What a source of engine load reports: model name -> (requests waiting, sequences active).
+EngineLoads = Callable[[], Mapping[str, tuple[int, int]]]
+
+
+class _EngineGauges(Collector):
+    """Sets queue depth and active sequences from the watched engines at every collection.
+
+    The engines know these numbers (``LocalEngine.load``, lock-free) and must not
+    import this module; reading them when Prometheus scrapes costs nothing between
+    scrapes and is never stale. Registered before the gauges it sets, so the
+    registry collects fresh values in the same scrape. Exports no family itself.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[int, EngineLoads] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._shown: set[str] = set()
+
+    def watch(self, source: EngineLoads) -> Callable[[], None]:
+        key = next(self._ids)
+        with self._lock:
+            self._sources[key] = source
+
+        def unwatch() -> None:
+            with self._lock:
+                self._sources.pop(key, None)
+
+        return unwatch
+
+    def refresh(self) -> None:
+        with self._lock:
+            sources = list(self._sources.values())
+            totals: dict[str, list[int]] = {}
+            for source in sources:
+                try:
+                    loads = dict(source())
+                except Exception as e:  # a scrape must answer even if an engine cannot
+                    log.debug("engine load unavailable: %s", type(e).__name__)
+                    continue
+                for model, (waiting, active) in loads.items():
+                    total = totals.setdefault(model_label(model), [0, 0])
+                    total[0] += waiting
+                    total[1] += active
+            for label in self._shown - totals.keys():  # stopped since: nothing queued
+                totals[label] = [0, 0]
+            for label, (waiting, active) in totals.items():
+                INFERENCE_QUEUE_DEPTH.labels(label).set(waiting)
+                INFERENCE_ACTIVE_SEQUENCES.labels(label).set(active)
+            self._shown = set(totals)
+
+    def collect(self) -> Iterable[Metric]:
+        self.refresh()
+        return ()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+
+_ENGINE_GAUGES = _EngineGauges()
+REGISTRY.register(_ENGINE_GAUGES)
+
+
+def watch_engines(source: EngineLoads) -> Callable[[], None]:
+    """Feed queue depth and active sequences from ``source`` at each scrape; returns the undo.
+
+    ``source`` is called on the scraping thread and must be cheap and non-blocking.
+    """
+    return _ENGINE_GAUGES.watch(source)
+
+
 #: Seconds, for latencies users feel (queueing, first token, whole generations).
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 #: Seconds, for loading a model from disk (small GGUF: under a second; 70B: minutes).
@@ -237,7 +315,7 @@ ROUTING_RATE_LIMITED = Counter(
 
 INFERENCE_QUEUE_DEPTH = Gauge(
     "hivebridge_inference_queue_depth",
-    "Generation requests waiting for a slot, per model.",
+    "Generation requests waiting for a slot in the local engine, per model.",
     ["model"],
     registry=REGISTRY,
 )
@@ -282,7 +360,7 @@ INFERENCE_PROMPT_TOKENS_REUSED = Counter(
 )
 INFERENCE_ACTIVE_SEQUENCES = Gauge(
     "hivebridge_inference_active_sequences",
-    "KV cache sequences resident in the local engine (rooms and pinned prefixes).",
+    "Sequences the local engine is working on: admitted requests, prefilling or generating.",
     ["model"],
     registry=REGISTRY,
 )
@@ -330,9 +408,12 @@ def observe_generation(stats: GenerationStats, model: str) -> None:
     Done where a request finishes rather than in every backend, so local, remote
     and routed generations are counted once, under the catalogue's model name.
     Prompt tokens are split only when the backend reported the split: a backend
-    that says nothing about its cache would otherwise skew the reuse ratio.
+    that says nothing about its cache would otherwise skew the reuse ratio. Queue
+    wait likewise comes only from a backend with a queue (the local engine).
     """
     label = model_label(model)
+    if stats.queue_wait_s is not None:
+        INFERENCE_QUEUE_WAIT.labels(label).observe(max(0.0, stats.queue_wait_s))
     if stats.ttft_s is not None:
         INFERENCE_TIME_TO_FIRST_TOKEN.labels(label).observe(stats.ttft_s)
     if stats.total_s > 0:

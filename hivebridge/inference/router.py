@@ -491,6 +491,7 @@ class RoutedGeneration:
         s.cached_tokens = inner.cached_tokens
         s.evaluated_tokens = inner.evaluated_tokens
         s.completion_tokens = inner.completion_tokens
+        s.queue_wait_s = inner.queue_wait_s
         s.finish(inner.finish_reason or "stop")
 
     async def _choose(self) -> str | None:

@@ -24,9 +24,13 @@ from mautrix.util.async_db.connection import LoggingConnection
 
 from .. import metrics
 from ..db.messages import MessageStore, StoredMessage
+from ..db.resilience import is_connection_lost
 from ..db.txns import TxnStore
 
 log = logging.getLogger("hivebridge.intake")
+
+#: Failed transactions remembered in case their COMMIT landed after all (see Intake).
+MAX_UNSETTLED = 1024
 
 EventSink = Callable[[Event, "StoredMessage | None"], Awaitable[None] | None]
 """Receives each event in order, with its stored row when it is a message to route."""
@@ -92,6 +96,9 @@ class Intake(AppService):
         self.messages = messages
         self.txns = txns
         self._on_event = on_event
+        # Transactions answered 500 that may have committed anyway (the connection was
+        # lost with the COMMIT's answer): their retry delivers instead of skipping.
+        self._unsettled: dict[str, None] = {}
         # The state store learns membership from the events we pass it ourselves,
         # in order, before routing; not as a racing background handler.
         self.event_handlers.clear()
@@ -123,8 +130,17 @@ class Intake(AppService):
             return web.json_response({})
         try:
             fresh = await self.process_transaction(txn_id, events)
-        except Exception:
-            log.exception("transaction %s failed; the homeserver will retry it", txn_id)
+        except Exception as e:
+            self._unsettle(txn_id)
+            if is_connection_lost(e):
+                log.warning(
+                    "transaction %s failed, database connection lost (%s); "
+                    "the homeserver will retry it",
+                    txn_id,
+                    type(e).__name__,
+                )
+            else:
+                log.exception("transaction %s failed; the homeserver will retry it", txn_id)
             outcomes.labels("rejected").inc()
             return web.json_response(
                 {"errcode": "M_UNKNOWN", "error": "Transaction failed"}, status=500
@@ -149,13 +165,54 @@ class Intake(AppService):
             )
         return None
 
+    def _unsettle(self, txn_id: str) -> None:
+        self._unsettled[txn_id] = None
+        while len(self._unsettled) > MAX_UNSETTLED:
+            del self._unsettled[next(iter(self._unsettled))]
+
     async def process_transaction(self, txn_id: str, events: list[Any]) -> bool:
-        """Store and deliver a transaction; False when it was processed before (a retry)."""
-        if await self.txns.is_processed(txn_id):
-            log.debug("transaction %s already processed", txn_id)
-            return False
-        fresh: dict[str, StoredMessage] = {}
+        """Store and deliver a transaction; False when it was processed before (a retry).
+
+        Nothing is delivered before the commit, and an exception leaves here only
+        before delivery; so a transaction that failed but committed all the same
+        (its connection died with the COMMIT's answer) has delivered nothing, and
+        its retry delivers the messages still unhandled instead of dropping them.
+        """
         rows = [r for raw in events if isinstance(raw, dict) and (r := stored_from_event(raw))]
+        if await self.txns.is_processed(txn_id):
+            if txn_id not in self._unsettled:
+                log.debug("transaction %s already processed", txn_id)
+                return False
+            log.info("transaction %s had committed before it failed; delivering it now", txn_id)
+            fresh = await self._unrouted(rows)
+        else:
+            fresh = await self._store(txn_id, rows)
+        self._unsettled.pop(txn_id, None)
+        # Counted once committed, so a transaction that failed and is retried counts once.
+        for raw in events:
+            kind = raw.get("type") if isinstance(raw, dict) else None
+            metrics.MATRIX_EVENTS.labels(metrics.event_type_label(kind)).inc()
+        # The transaction is committed: from here on one bad event must not fail it
+        # (a 500 would make the homeserver retry a transaction we already took).
+        for raw in events:
+            try:
+                await self._deliver(raw, fresh)
+            except Exception as e:
+                log.warning("skipping an event that could not be handled: %s", type(e).__name__)
+        return True
+
+    async def _unrouted(self, rows: list[StoredMessage]) -> dict[str, StoredMessage]:
+        """The stored, not yet handled messages of a transaction that committed unseen."""
+        found = {}
+        for row in rows:
+            known = await self.messages.get(row.event_id)
+            if known is not None and not known.handled:
+                found[row.event_id] = known
+        return found
+
+    async def _store(self, txn_id: str, rows: list[StoredMessage]) -> dict[str, StoredMessage]:
+        """Store the messages and mark the transaction processed, in one DB transaction."""
+        fresh: dict[str, StoredMessage] = {}
         conn: LoggingConnection
         async with self.messages.db.acquire() as conn, conn.transaction():
             new = await self.messages.insert_many(rows, conn)
@@ -169,18 +226,7 @@ class Intake(AppService):
                     if known is not None and known.persona and not known.handled:
                         fresh[row.event_id] = known
             await self.txns.mark_processed(txn_id, conn)
-        # Counted once committed, so a transaction that failed and is retried counts once.
-        for raw in events:
-            kind = raw.get("type") if isinstance(raw, dict) else None
-            metrics.MATRIX_EVENTS.labels(metrics.event_type_label(kind)).inc()
-        # The transaction is committed: from here on one bad event must not fail it
-        # (a 500 would make the homeserver retry a transaction we already took).
-        for raw in events:
-            try:
-                await self._deliver(raw, fresh)
-            except Exception as e:
-                log.warning("skipping an event that could not be handled: %s", type(e).__name__)
-        return True
+        return fresh
 
     async def _deliver(self, raw: Any, fresh: dict[str, StoredMessage]) -> None:
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):

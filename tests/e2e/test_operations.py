@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hivebridge import metrics
 from hivebridge.app import Bridge
 from hivebridge.config import AdminApiConfig, MetricsConfig
 from hivebridge.devserver.synapse import free_port
@@ -159,6 +160,9 @@ async def test_metrics_move_with_a_real_exchange(homeserver: Homeserver, ops: Op
         "hivebridge_routing_decisions",
         "hivebridge_inference_time_to_first_token_seconds",
         "hivebridge_inference_completion_tokens",
+        "hivebridge_inference_queue_wait_seconds",
+        "hivebridge_inference_queue_depth",
+        "hivebridge_inference_active_sequences",
         "hivebridge_model_loaded",
     ):
         assert family in families, family
@@ -173,6 +177,14 @@ async def test_metrics_move_with_a_real_exchange(homeserver: Homeserver, ops: Op
     assert grew("hivebridge_inference_generation_seconds_count") == 1
     assert grew("hivebridge_inference_completion_tokens_total") >= 1
     assert grew("hivebridge_matrix_send_errors_total") == 0
+    # The local engine's queue: the reply's wait observed once, the gauges fed per model
+    # (read from the engine at the scrape; it is idle again now).
+    assert grew("hivebridge_inference_queue_wait_seconds_count") == 1
+    assert ops.bridge.catalogue is not None
+    for model in ops.bridge.catalogue.loaded:
+        label = (("model", metrics.model_label(model)),)
+        assert after[("hivebridge_inference_queue_depth", label)] == 0
+        assert after[("hivebridge_inference_active_sequences", label)] == 0
     # The local model is loaded, with its size and load time.
     assert total(after, "hivebridge_model_loaded") >= 1
     assert total(after, "hivebridge_model_memory_bytes") > 1_000_000

@@ -4,14 +4,12 @@ finished generations and the local engine's gauges (no network but a refused con
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import aiohttp
 import pytest
 from mautrix.errors import MatrixUnknownRequestError, MForbidden, MLimitExceeded, MNotFound
 
 from hivebridge import metrics
-from hivebridge.admin import sample_engine_gauges
 from hivebridge.devserver.synapse import free_port
 from hivebridge.inference.remote import (
     EndpointAuthError,
@@ -159,31 +157,46 @@ def test_no_cache_report_means_no_prompt_split() -> None:
     assert value("hivebridge_inference_prompt_tokens_reused_total", model="obs-n") == 0
 
 
-class FakeEngine:
-    name = "local:gauge-m"
-    ready = True
+def test_queue_wait_is_observed_when_the_backend_reports_it() -> None:
+    local = GenerationStats(model="qw-local", queue_wait_s=0.3)
+    local.total_s = 1.0
+    metrics.observe_generation(local, "qw-local")
+    assert value("hivebridge_inference_queue_wait_seconds_count", model="qw-local") == 1
+    assert value("hivebridge_inference_queue_wait_seconds_sum", model="qw-local") == 0.3
+    assert value("hivebridge_inference_queue_wait_seconds_bucket", model="qw-local", le="0.5") == 1
+    assert value("hivebridge_inference_queue_wait_seconds_bucket", model="qw-local", le="0.25") == 0
+    remote = GenerationStats(model="qw-remote")  # an endpoint has no queue of ours
+    remote.total_s = 1.0
+    metrics.observe_generation(remote, "qw-remote")
+    assert value("hivebridge_inference_queue_wait_seconds_count", model="qw-remote") == 0
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
 
-    async def inspect(self) -> dict[str, Any]:
-        return self.state
+def test_engine_gauges_are_read_at_each_scrape() -> None:
+    loads = {"eg-m": (3, 2)}
+    unwatch = metrics.watch_engines(lambda: loads)
+    try:
+        assert value("hivebridge_inference_queue_depth", model="eg-m") == 3
+        assert value("hivebridge_inference_active_sequences", model="eg-m") == 2
+        loads["eg-m"] = (0, 1)
+        assert value("hivebridge_inference_queue_depth", model="eg-m") == 0
+        assert value("hivebridge_inference_active_sequences", model="eg-m") == 1
+        loads["eg-m"] = (5, 4)
+    finally:
+        unwatch()
+    # A stopped engine queues nothing: its series stays, at zero.
+    assert value("hivebridge_inference_queue_depth", model="eg-m") == 0
+    assert value("hivebridge_inference_active_sequences", model="eg-m") == 0
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - unused
-        raise NotImplementedError
 
+def test_a_failing_engine_source_never_breaks_the_scrape() -> None:
+    def broken() -> dict[str, tuple[int, int]]:
+        raise RuntimeError("engine gone")
 
-async def test_engine_gauges_come_from_the_engine_state() -> None:
-    engine = FakeEngine({"waiting": 3, "busy": 2, "idle": 4, "pinned": 1, "free": 9})
-    assert await sample_engine_gauges("gauge-m", engine)
-    assert value("hivebridge_inference_queue_depth", model="gauge-m") == 3
-    assert value("hivebridge_inference_active_sequences", model="gauge-m") == 7
-    engine.state["waiting"] = 0
-    await sample_engine_gauges("gauge-m", engine)
-    assert value("hivebridge_inference_queue_depth", model="gauge-m") == 0
-    # The serial backend has no engine state: nothing is set, nothing fails.
-    assert not await sample_engine_gauges("gauge-s", FakeLocal("local:gauge-s"))
-    assert (
-        metrics.REGISTRY.get_sample_value("hivebridge_inference_queue_depth", {"model": "gauge-s"})
-        is None
-    )
+    unwatch_broken = metrics.watch_engines(broken)
+    unwatch = metrics.watch_engines(lambda: {"eg-ok": (1, 1)})
+    try:
+        body, _ = metrics.render()
+        assert b'hivebridge_inference_queue_depth{model="eg-ok"} 1.0' in body
+    finally:
+        unwatch()
+        unwatch_broken()
