@@ -41,6 +41,7 @@ from hivebridge.inference.types import ChatMessage, SamplingParams, collect
 LEVELS = (1, 4, 8)
 TURNS = 6  # like bench/rooms.py; override with --turns
 UNIFIED = False
+PEER_PYTHONPATH: str | None = None  # e.g. a stock llama-cpp-python (llamafile kernels) for the peer
 MAX_TOKENS = 64
 PERSONAS = [
     ChatMessage("system", persona_prompt("Captain Mira", 10)),
@@ -129,6 +130,15 @@ async def peer_request(
     return "".join(parts), finish
 
 
+def llamafile_build(env: dict[str, str]) -> bool:
+    """Whether the llama_cpp that ``env`` imports was built with llamafile kernels."""
+    probe = "import llama_cpp as L; print('LLAMAFILE = 1' in L.llama_print_system_info().decode())"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip() == "True"
+
+
 async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     deadline = now() + timeout
     async with aiohttp.ClientSession() as http:
@@ -207,9 +217,13 @@ async def main() -> None:
         "--port", str(port), "--n_ctx", "2048", "--interrupt_requests", "false",
         "--n_threads", str(threads), "--n_threads_batch", str(threads),
     ]  # fmt: skip
-    log("starting peer:", " ".join(cmd))
+    env = dict(os.environ)
+    if PEER_PYTHONPATH:
+        env["PYTHONPATH"] = PEER_PYTHONPATH
+    peer_llamafile = llamafile_build(env)
+    log("starting peer:", " ".join(cmd), f"(llamafile kernels: {peer_llamafile})")
     proc = subprocess.Popen(  # noqa: ASYNC220 - one server, stopped by its PID below
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     sides = ["engine", "peer"] + (["engine_unified_kv"] if UNIFIED else [])
     results: dict[str, dict[str, float]] = {side: {} for side in sides}
@@ -239,6 +253,9 @@ async def main() -> None:
             **({"engine_unified_kv": results["engine_unified_kv"]} if UNIFIED else {}),
             "workload": f"{TURNS} turns x {MAX_TOKENS} tokens per room, ~330-token personas",
             "threads": threads,
+            # Builds: the engine's llama.cpp is built without llamafile kernels (Makefile).
+            "engine_llamafile": llamafile_build(dict(os.environ)),
+            "peer_llamafile": peer_llamafile,
             "loadavg_1m_after_level": load,  # other work on the box adds noise
         }
     )
@@ -248,6 +265,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=TURNS, help="questions per room")
     ap.add_argument("--unified", action="store_true", help="also run kv_unified=True")
+    ap.add_argument("--peer-pythonpath", help="PYTHONPATH for the peer (another llama_cpp build)")
     args = ap.parse_args()
-    TURNS, UNIFIED = args.turns, args.unified
+    TURNS, UNIFIED, PEER_PYTHONPATH = args.turns, args.unified, args.peer_pythonpath
     asyncio.run(main())
