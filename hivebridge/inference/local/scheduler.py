@@ -23,6 +23,7 @@ import llama_cpp as L
 from hivebridge.inference.types import BackendUnavailable, FinishReason, InferenceError
 
 from .model import LoadedModel
+from .placement import compaction_moves
 from .sampler import Detokenizer, ResolvedSampling, SamplerChain, StopMatcher
 from .sequences import Seq, SeqState, SequencePool
 from .settings import EngineSettings
@@ -363,37 +364,19 @@ class Scheduler:
         return True
 
     def _compact(self) -> None:
-        """Partitioned KV: keep the running sequences on consecutive ids.
+        """Partitioned KV: keep the running sequences on consecutive ids (placement.py).
 
-        llama.cpp splits a multi-stream batch wherever the sequence ids stop
-        being consecutive (``split_equal(sequential)``), and each extra ubatch
-        is another pass over the weights: 8 rooms on ids 0,2,..,14 decode no
-        faster than one. Running sequences outside the best window swap places
-        with free, idle or pinned ones inside it (a state copy, milliseconds,
-        only when the running set changes shape).
+        Outsiders swap places with free, idle or pinned sequences inside the
+        window: a state copy, milliseconds, only when the running set changes shape.
         """
         if self.model.kv_unified:
             return
-        running = sorted(r.seq.id for r in self.active if r.seq is not None)
-        k = len(running)
-        if k < 2 or running[-1] - running[0] + 1 == k:
+        running = [r.seq.id for r in self.active if r.seq is not None]
+        if len(running) < 2:
             return
         seqs = self.pool.seqs
-        inside = set(running)
-
-        def cost(start: int) -> tuple[int, int, int]:
-            window = range(start, start + k)
-            moves = sum(1 for i in running if i not in window)
-            displaced = sum(
-                1 for j in window if j not in inside and seqs[j].state is not SeqState.FREE
-            )
-            return moves, displaced, start
-
-        start = min(range(len(seqs) - k + 1), key=cost)
-        window = range(start, start + k)
-        movers = [i for i in running if i not in window]
-        targets = [j for j in window if j not in inside]
-        for src, dst in zip(movers, targets, strict=True):
+        occupied = [s.id for s in seqs if s.state is not SeqState.FREE]
+        for src, dst in compaction_moves(running, occupied, len(seqs)):
             self._swap(seqs[src], seqs[dst])
 
     def _swap(self, a: Seq, b: Seq) -> None:
