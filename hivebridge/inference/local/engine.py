@@ -190,6 +190,8 @@ class LocalEngine:
         self._vocab_lock = threading.RLock()
         self.restored_personas = 0
         self._load = EngineLoad(0, 0)
+        # Updates of the current step (engine thread), handed over in one wake-up.
+        self._outbox: list[tuple[Callable[[Update], None], Update]] = []
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -339,7 +341,8 @@ class LocalEngine:
         Raises BackendUnavailable when the model is not loaded (or the engine died).
         ``ignore_eos`` is for benchmarks: generate exactly ``max_tokens`` tokens.
         """
-        loop = asyncio.get_running_loop()
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("generate() must run on the event loop that started the engine")
         stats = GenerationStats(model=self.model_name, backend=self.name)
         model = self._need_model()
         sampling = self.resolve(params, ignore_eos=ignore_eos)
@@ -353,11 +356,8 @@ class LocalEngine:
         gen = LocalGeneration(self, rid, stats)
         stats.prompt_tokens = len(prepared.tokens)
 
-        def emit(update: Update) -> None:
-            try:
-                loop.call_soon_threadsafe(gen._on_update, update)
-            except RuntimeError:  # loop closed: the consumer is gone
-                pass
+        def emit(update: Update) -> None:  # engine thread only; see _flush
+            self._outbox.append((gen._on_update, update))
 
         pin_len = prepared.system_len if prepared.system_len >= self.settings.min_pin_tokens else 0
         req = Request(
@@ -457,6 +457,7 @@ class LocalEngine:
             with contextlib.suppress(BaseException):
                 sched.fail_all(err)
             self._drain_commands(sched, err)
+            self._flush()
             with contextlib.suppress(BaseException):
                 sched.close()
             if store is not None:
@@ -467,6 +468,21 @@ class LocalEngine:
             if model_ref is not None:
                 model_ref.close()
             self._stopped.set()
+
+    def _flush(self) -> None:
+        """Hand the step's updates to the event loop in one wake-up.
+
+        One ``call_soon_threadsafe`` per request per token meant eight
+        self-pipe writes and loop wake-ups per step with eight rooms, each
+        taking the core that llama.cpp's second thread is waiting for.
+        """
+        if not self._outbox or self._loop is None:
+            return
+        items, self._outbox = self._outbox, []
+        try:
+            self._loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # loop closed: the consumers are gone
+            pass
 
     def _drain_commands(self, sched: Scheduler, err: BackendUnavailable) -> None:
         """Fail whatever arrived after the loop ended so no consumer waits forever."""
@@ -512,9 +528,21 @@ class LocalEngine:
                 not sched.has_work() or time.monotonic() >= drain_until
             ):
                 sched.fail_all(self.unavailable_error())
+                self._flush()
                 return
             if sched.has_work() and not sched.step():
                 time.sleep(0.005)  # waiting requests, none runnable yet
+            self._flush()
             load = EngineLoad(len(sched.waiting), len(sched.active))
             if load != self._load:
                 self._load = load
+
+
+def _deliver(items: list[tuple[Callable[[Update], None], Update]]) -> None:
+    """Event loop: pass one step's updates to their generations."""
+    for callback, update in items:
+        try:
+            callback(update)
+        except Exception:
+            log.exception("could not deliver a local engine update")
+
