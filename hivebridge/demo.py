@@ -25,7 +25,8 @@ from .config import (
     MetricsConfig,
     PermissionsConfig,
 )
-from .devserver.client import HumanClient
+from .db.reply_jobs import ReplyJobStore
+from .devserver.client import HumanClient, is_edit, shown_text
 from .devserver.synapse import PrivateSynapse, free_port
 from .logs import setup_logging
 from .registration import write_registration
@@ -72,17 +73,26 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
             print("--- transcript ---")
             print(f"<alice> {message}")
             started = time.monotonic()
-            await alice.send_text(room, message)
+            asked = await alice.send_text(room, message)
             reply = await alice.wait_for(
                 room,
-                lambda e: e.get("sender") == persona_mxid and e.get("type") == "m.room.message",
+                lambda e: e.get("sender") == persona_mxid
+                and e.get("type") == "m.room.message"
+                and not is_edit(e),
                 timeout=120,
             )
-            elapsed = time.monotonic() - started
-            name = config.default_persona.displayname
-            print(f"<{name}> {reply['content'].get('body', '')}")
+            first = time.monotonic() - started
+            # The reply streams in as edits: print it as a client shows it once done.
+            await _reply_done(bridge, asked, config.default_persona.name)
+            await alice.sync_once(timeout_ms=0)
+            done = time.monotonic() - started
+            text = shown_text(alice.timeline.get(room, []), reply["event_id"])
+            print(f"<{config.default_persona.displayname}> {text}")
             print("--- end ---")
-            say(f"reply after {elapsed:.2f}s, from the local model through Synapse")
+            say(
+                f"first text after {first:.2f}s, whole reply after {done:.2f}s, "
+                "from the local model through Synapse"
+            )
             if keep:
                 say(
                     f"\nkept running: homeserver {synapse.url} (server name {SERVER_NAME})\n"
@@ -106,3 +116,17 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
 def say(text: str) -> None:
     """Progress goes to stderr; the transcript alone goes to stdout."""
     print(text, file=sys.stderr, flush=True)
+
+
+async def _reply_done(bridge: Bridge, event_id: str, persona: str, timeout: float = 120) -> None:
+    """Wait until the persona's reply job for ``event_id`` is settled (final edit sent)."""
+    assert bridge.db is not None
+    jobs = ReplyJobStore(bridge.db)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = await jobs.get(event_id, persona)
+        if job is not None and job.state != "pending":
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the reply to {event_id} did not finish in {timeout:.0f}s")
+

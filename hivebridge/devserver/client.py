@@ -163,3 +163,21 @@ class HumanClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{members} did not join {room_id}")
             await asyncio.sleep(0.1)
+
+
+def is_edit(event: Event) -> bool:
+    """An ``m.replace`` edit of another event."""
+    relates = event.get("content", {}).get("m.relates_to", {})
+    return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
+
+
+def shown_text(history: list[Event], event_id: str) -> str:
+    """What a client shows for ``event_id``: its last edit's new content, or its body."""
+    text = ""
+    for e in history:
+        if e.get("event_id") == event_id:
+            text = str(e["content"].get("body", ""))
+        elif is_edit(e) and e["content"]["m.relates_to"].get("event_id") == event_id:
+            text = str(e["content"].get("m.new_content", {}).get("body", text))
+    return text
+

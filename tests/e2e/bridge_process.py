@@ -27,7 +27,7 @@ import asyncpg
 from ruamel.yaml import YAML
 
 from hivebridge.config import Config
-from hivebridge.devserver.client import HumanClient
+from hivebridge.devserver.client import HumanClient, is_edit
 from hivebridge.matrix.sender import ANSWERS_KEY
 
 Event = dict[str, Any]
@@ -212,11 +212,6 @@ async def room_history(client: HumanClient, room_id: str) -> list[Event]:
             return list(reversed(events))
 
 
-def is_edit(event: Event) -> bool:
-    relates = event.get("content", {}).get("m.relates_to", {})
-    return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
-
-
 def answers_to(history: list[Event], sender: str, event_id: str) -> list[Event]:
     """``sender``'s messages answering ``event_id`` (Matrix reply or our marker), no edits."""
     found = []
@@ -228,17 +223,6 @@ def answers_to(history: list[Event], sender: str, event_id: str) -> list[Event]:
         if reply.get("event_id") == event_id or content.get(ANSWERS_KEY) == event_id:
             found.append(e)
     return found
-
-
-def final_text(history: list[Event], event_id: str) -> str:
-    """What a client shows for ``event_id``: its last edit's new content, or its body."""
-    text = ""
-    for e in history:
-        if e.get("event_id") == event_id:
-            text = str(e["content"].get("body", ""))
-        elif is_edit(e) and e["content"]["m.relates_to"].get("event_id") == event_id:
-            text = str(e["content"].get("m.new_content", {}).get("body", text))
-    return text
 
 
 def dump(obj: Any) -> str:

@@ -18,13 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from hivebridge.app import Bridge
-from hivebridge.devserver.client import HumanClient
+from hivebridge.devserver.client import HumanClient, shown_text
 from tests.e2e.bridge_process import (
     BridgeProcess,
     answers_to,
     bridge_config_yaml,
     dump,
-    final_text,
     pg_fetch,
     pg_value,
     room_history,
@@ -136,7 +135,7 @@ async def test_kill_9_while_replies_are_pending_answers_each_message_once(
                 reply = found[0]
                 replies[event_id] = reply["event_id"]
                 assert reply["content"].get("msgtype") == "m.text", reply  # no error notice
-                assert final_text(histories[room], reply["event_id"]).strip()
+                assert shown_text(histories[room], reply["event_id"]).strip()
 
             rows = await pg_fetch(
                 postgres_url, "SELECT event_id, state, reply_event_id FROM reply_jobs"
@@ -217,7 +216,7 @@ async def test_resume_finds_a_reply_sent_just_before_the_crash(
             if e.get("content", {}).get("m.relates_to", {}).get("event_id") == reply_id
         ]
         assert len(edits) == edits_before + 1  # the resume's one final edit, no new message
-        assert final_text(history, reply_id).strip()
+        assert shown_text(history, reply_id).strip()
 
         # Too old to resume: stays stored as it is.
         max_age_ms = int(config.replies.resume_max_age_s * 1000)
