@@ -131,8 +131,8 @@ class SequencePool:
         Partitioned KV only: llama.cpp batches consecutive sequence ids into one
         ubatch, so running sequences are moved next to each other. The state is
         copied now through get/set_data (~23 KB per token, milliseconds), never
-        with a lazy whole-stream ``seq_cp``. False if a restore failed; then both
-        sequences are left empty (the caller fails their requests).
+        with a lazy whole-stream ``seq_cp``. False if a restore failed; that
+        sequence is left FREE (the caller fails the request that owned it).
         """
         if a is b:
             return True
