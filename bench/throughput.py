@@ -132,7 +132,7 @@ async def peer_request(
 
 def llamafile_build(env: dict[str, str]) -> bool:
     """Whether the llama_cpp that ``env`` imports was built with llamafile kernels."""
-    probe = "import llama_cpp as L; print('LLAMAFILE = 1' in L.llama_print_system_info().decode())"
+    probe = "from hivebridge.inference.local.model import llamafile_kernels as k; print(k())"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )

@@ -262,7 +262,8 @@ class Admission:
         if len(running) < 2:
             return
         seqs = self.pool.seqs
-        occupied = [s.id for s in seqs if s.state is not SeqState.FREE]
+        # A generator: only read when the running ids are not consecutive already.
+        occupied = (s.id for s in seqs if s.state is not SeqState.FREE)
         for src, dst in compaction_moves(running, occupied, len(seqs)):
             self._swap(seqs[src], seqs[dst])
 

@@ -9,11 +9,11 @@ to test; the scheduler carries the moves out.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def compaction_moves(
-    running: Sequence[int], occupied: Collection[int], n_seq: int
+    running: Sequence[int], occupied: Iterable[int], n_seq: int
 ) -> list[tuple[int, int]]:
     """Swaps ``(src, dst)`` that put every running id into one consecutive window.
 

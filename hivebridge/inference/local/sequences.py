@@ -125,17 +125,17 @@ class SequencePool:
         if not self.truncate(dst, keep):
             raise RuntimeError(f"could not truncate sequence {dst.id}")
 
-    def swap(self, a: Seq, b: Seq) -> bool:
+    def swap(self, a: Seq, b: Seq) -> None:
         """Exchange the KV and bookkeeping of ``a`` and ``b`` (either may be FREE).
 
         Partitioned KV only: llama.cpp batches consecutive sequence ids into one
         ubatch, so running sequences are moved next to each other. The state is
         copied now through get/set_data (~23 KB per token, milliseconds), never
-        with a lazy whole-stream ``seq_cp``. False if a restore failed; that
-        sequence is left FREE (the caller fails the request that owned it).
+        with a lazy whole-stream ``seq_cp``. A sequence whose restore fails is
+        left FREE (the caller fails the request that owned it).
         """
         if a is b:
-            return True
+            return
         blobs = [self.state_bytes(s) if s.tokens else b"" for s in (a, b)]
         metas = [(s.state, s.tokens, s.session, s.last_used) for s in (a, b)]
         for s in (a, b):
@@ -143,12 +143,10 @@ class SequencePool:
             L.llama_memory_seq_rm(self.model.mem, s.id, -1, -1)
             self.ledger.remove(s.id)
             s.tokens = []
-        ok = True
         for dst, blob, (state, tokens, session, last_used) in zip(
             (a, b), reversed(blobs), reversed(metas), strict=True
         ):
             if tokens and not self.load_state(dst, tuple(tokens), blob):
-                ok = False
                 state, tokens, session = SeqState.FREE, [], None
             dst.state, dst.tokens, dst.session, dst.last_used = (
                 state,
@@ -158,7 +156,6 @@ class SequencePool:
             )
         for s in (a, b):
             self._reindex(s)
-        return ok
 
     def _reindex(self, seq: Seq) -> None:
         """Put ``seq`` back into the free list or the indexes its state calls for."""
