@@ -13,6 +13,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from ..matrix.content import is_edit as content_is_edit
+
 Event = dict[str, Any]
 
 
@@ -167,8 +169,7 @@ class HumanClient:
 
 def is_edit(event: Event) -> bool:
     """An ``m.replace`` edit of another event."""
-    relates = event.get("content", {}).get("m.relates_to", {})
-    return isinstance(relates, dict) and relates.get("rel_type") == "m.replace"
+    return content_is_edit(event.get("content", {}))
 
 
 def shown_text(history: list[Event], event_id: str) -> str:
@@ -180,4 +181,3 @@ def shown_text(history: list[Event], event_id: str) -> str:
         elif is_edit(e) and e["content"]["m.relates_to"].get("event_id") == event_id:
             text = str(e["content"].get("m.new_content", {}).get("body", text))
     return text
-

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -26,6 +25,7 @@ from .. import metrics
 from ..db.messages import MessageStore, StoredMessage
 from ..db.resilience import is_connection_lost
 from ..db.txns import TxnStore
+from .content import stored_from_event
 
 log = logging.getLogger("hivebridge.intake")
 
@@ -34,38 +34,6 @@ MAX_UNSETTLED = 1024
 
 EventSink = Callable[[Event, "StoredMessage | None"], Awaitable[None] | None]
 """Receives each event in order, with its stored row when it is a message to route."""
-
-
-def stored_from_event(raw: dict[str, Any], persona: str | None = None) -> StoredMessage | None:
-    """The row we keep for an ``m.room.message``; None for anything else or malformed."""
-    if raw.get("type") != "m.room.message" or "state_key" in raw:
-        return None
-    content = raw.get("content")
-    event_id, room_id, sender = raw.get("event_id"), raw.get("room_id"), raw.get("sender")
-    if not isinstance(content, dict) or not all(
-        isinstance(v, str) and v for v in (event_id, room_id, sender)
-    ):
-        return None
-    body = content.get("body")
-    msgtype = content.get("msgtype")
-    relates = content.get("m.relates_to")
-    relates = relates if isinstance(relates, dict) else {}
-    thread_root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
-    reply = relates.get("m.in_reply_to")
-    in_reply_to = reply.get("event_id") if isinstance(reply, dict) else None
-    ts = raw.get("origin_server_ts")
-    return StoredMessage(
-        event_id=str(event_id),
-        room_id=str(room_id),
-        sender=str(sender),
-        msgtype=msgtype if isinstance(msgtype, str) else None,
-        body=body if isinstance(body, str) else "",
-        content=content,
-        thread_root=thread_root if isinstance(thread_root, str) else None,
-        in_reply_to=in_reply_to if isinstance(in_reply_to, str) else None,
-        ts=ts if isinstance(ts, int) and not isinstance(ts, bool) else int(time.time() * 1000),
-        persona=persona,
-    )
 
 
 def transaction_key(txn_id: str, events: list[Any]) -> str:
@@ -87,21 +55,40 @@ class Intake(AppService):
         *,
         messages: MessageStore,
         txns: TxnStore,
-        on_event: EventSink,
         is_own_user: Callable[[str], bool] = lambda _: True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.runner = None  # mautrix only sets it in start(); stop() must work before that
         self._is_own = is_own_user
         self.messages = messages
         self.txns = txns
-        self._on_event = on_event
+        self._sink: EventSink | None = None
         # Transactions answered 500 that may have committed anyway (the connection was
         # lost with the COMMIT's answer): their retry delivers instead of skipping.
         self._unsettled: dict[str, None] = {}
         # The state store learns membership from the events we pass it ourselves,
         # in order, before routing; not as a racing background handler.
         self.event_handlers.clear()
+
+    async def start(  # type: ignore[override]
+        self, host: str = "127.0.0.1", port: int = 8080, *, sink: EventSink
+    ) -> None:
+        """Listen for transactions; ``sink`` receives each event in order once stored."""
+        self._sink = sink
+        await super().start(host, port)
+
+    async def stop_listening(self) -> None:
+        """Take no more transactions; intents keep working until :meth:`stop`."""
+        self.ready = False
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def stop(self) -> None:
+        """Stop listening (if still) and close the homeserver client; safe before start."""
+        await self.stop_listening()
+        await super().stop()
 
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
         # Every push gets exactly one outcome: new, duplicate, or rejected (auth,
@@ -242,6 +229,8 @@ class Intake(AppService):
             await self.state_store.update_state(event)
         else:
             event.type = event.type.with_class(EventType.Class.MESSAGE)
-        result = self._on_event(event, fresh.get(str(getattr(event, "event_id", ""))))
+        if self._sink is None:
+            return
+        result = self._sink(event, fresh.get(str(getattr(event, "event_id", ""))))
         if result is not None:
             await result

@@ -22,15 +22,9 @@ from mautrix.types import EventType, MessageType, PaginationDirection, TextMessa
 
 from .. import metrics
 from ..db.messages import MessageStore
-from .intake import stored_from_event
+from .content import ANSWERS_KEY, stored_from_event
 
 log = logging.getLogger("hivebridge.sender")
-
-#: MSC4295: how many more persona-to-persona hops a message may cause.
-BOUNCE_LIMIT_KEY = "io.github.m13253.bounce_limit"
-#: The event a persona's reply answers, in every reply (DM or group, with or without
-#: m.in_reply_to): how a resumed reply finds one that was already posted.
-ANSWERS_KEY = "io.github.hivebridge.answers"
 
 #: Sends that fail on the way (connection refused, timeout, 5xx, 429) are retried
 #: with exponential backoff from this first pause, up to SEND_RETRY_MAX_DELAY_S ...

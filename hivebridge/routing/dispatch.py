@@ -17,9 +17,10 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
+from ..matrix.content import bounce_limit_of, strip_html_reply, strip_reply_fallback
+
 __all__ = [
     "ADDRESSED_REASONS",
-    "BOUNCE_LIMIT_KEY",
     "Decision",
     "MessageView",
     "PersonaView",
@@ -28,11 +29,7 @@ __all__ = [
     "addressed_in_thread",
     "decide",
     "next_bounce_limit",
-    "strip_reply_fallback",
 ]
-
-#: MSC4295 content key carrying how many more bot-to-bot hops a message may cause.
-BOUNCE_LIMIT_KEY = "io.github.m13253.bounce_limit"
 
 
 class Reason(StrEnum):
@@ -128,8 +125,7 @@ class MessageView:
         reply_id = None
         if isinstance(reply, Mapping) and isinstance(reply.get("event_id"), str):
             reply_id = reply["event_id"]
-        limit = content.get(BOUNCE_LIMIT_KEY)
-        bounce = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+        bounce = bounce_limit_of(content)
         return cls(
             event_id=event_id,
             sender=sender,
@@ -204,7 +200,7 @@ def _addressed_reason(message: MessageView, persona: PersonaView, room: RoomView
     # replies carry them, so a hand-written "> quote" in a plain message is left alone.
     is_reply = message.in_reply_to_event_id is not None
     body = strip_reply_fallback(message.body) if is_reply else message.body
-    html = _strip_html_reply(message.formatted_body) if message.formatted_body else ""
+    html = strip_html_reply(message.formatted_body) if message.formatted_body else ""
     if _links_to(html, persona.mxid) or _links_to(body, persona.mxid):
         return Reason.PILL
     if (
@@ -248,30 +244,6 @@ def next_bounce_limit(incoming: int | None, default: int) -> int:
     if incoming is None:
         return default
     return max(0, min(incoming - 1, default))
-
-
-# --- reply fallbacks ---------------------------------------------------------------------
-
-_MX_REPLY_RE = re.compile(r"<mx-reply>.*?</mx-reply>", re.IGNORECASE | re.DOTALL)
-
-
-def strip_reply_fallback(body: str) -> str:
-    """Drop the leading ``> `` quote block of a reply fallback (and the blank line after)."""
-    if not body.startswith(">"):
-        return body
-    lines = body.split("\n")
-    i = 0
-    while i < len(lines) and (lines[i].startswith("> ") or lines[i] == ">"):
-        i += 1
-    if i == 0:
-        return body
-    if i < len(lines) and lines[i] == "":
-        i += 1
-    return "\n".join(lines[i:])
-
-
-def _strip_html_reply(html: str) -> str:
-    return _MX_REPLY_RE.sub("", html)
 
 
 # --- pills ---------------------------------------------------------------------------------

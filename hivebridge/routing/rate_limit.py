@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
+
+from ..utc import seconds_until_utc_midnight
 
 __all__ = [
     "BudgetDecision",
@@ -21,7 +23,6 @@ __all__ = [
     "RateLimiter",
     "format_retry_after",
     "seconds_until_utc_midnight",
-    "utc_day",
 ]
 
 
@@ -156,24 +157,6 @@ def format_retry_after(seconds: float) -> str:
     if minutes == 60:
         hours, minutes = hours + 1, 0
     return f"{hours} h" + (f" {minutes} min" if minutes else "")
-
-
-def _utc(now: float | datetime) -> datetime:
-    if isinstance(now, datetime):
-        return now.astimezone(UTC) if now.tzinfo else now.replace(tzinfo=UTC)
-    return datetime.fromtimestamp(now, tz=UTC)
-
-
-def utc_day(now: float | datetime) -> str:
-    """The UTC date ("2024-05-01") a daily counter belongs to."""
-    return _utc(now).date().isoformat()
-
-
-def seconds_until_utc_midnight(now: float | datetime) -> float:
-    """Seconds until the next 00:00 UTC (in ``(0, 86400]``)."""
-    current = _utc(now)
-    midnight = datetime.combine(current.date() + timedelta(days=1), datetime.min.time(), UTC)
-    return (midnight - current).total_seconds()
 
 
 @dataclass(frozen=True, slots=True)

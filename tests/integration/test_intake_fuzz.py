@@ -68,7 +68,7 @@ _txn = itertools.count()
 
 
 def well_formed_messages(events: list[Any]) -> set[str]:
-    from hivebridge.matrix.intake import stored_from_event
+    from hivebridge.matrix.content import stored_from_event
 
     return {
         row.event_id

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hivebridge.matrix.content import BOUNCE_LIMIT_KEY, strip_reply_fallback
 from hivebridge.routing.dispatch import (
-    BOUNCE_LIMIT_KEY,
     Decision,
     MessageView,
     PersonaView,
@@ -19,7 +19,6 @@ from hivebridge.routing.dispatch import (
     addressed_in_thread,
     decide,
     next_bounce_limit,
-    strip_reply_fallback,
 )
 
 BOT = "@hivebridge:example.org"

@@ -14,9 +14,8 @@ from hivebridge.routing.rate_limit import (
     RateDecision,
     RateLimiter,
     format_retry_after,
-    seconds_until_utc_midnight,
-    utc_day,
 )
+from hivebridge.utc import seconds_until_utc_midnight, utc_day
 
 
 def test_burst_then_refill_at_rate() -> None:

@@ -1,0 +1,281 @@
+"""Messages: a command goes to the bot; otherwise each persona in the room decides.
+
+Per persona: dispatch rules (routing/dispatch.py), the loop guard, rate limits
+and budgets, then a reply job (personas/replies.py). A message resumed after a
+crash first finishes the replies decided for it before the crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+from mautrix.appservice import AppService
+
+from .. import metrics
+from ..commands.base import CommandContext, CommandTable
+from ..config import Config
+from ..db.messages import MessageStore, StoredMessage
+from ..db.personas import Persona
+from ..db.rooms import RoomStore
+from ..matrix.content import is_edit
+from ..matrix.members import RoomMembers
+from ..matrix.sender import Sender, stable_txn_id
+from ..permissions import Roles
+from ..personas.directory import PersonaDirectory
+from ..personas.limits import Limits
+from ..personas.replies import ReplyService
+from ..routing.dispatch import (
+    MessageView,
+    PersonaView,
+    RoomView,
+    addressed_in_thread,
+    decide,
+    next_bounce_limit,
+)
+from ..routing.loop_guard import GuardVerdict, LoopGuard
+
+log = logging.getLogger("hivebridge.handler")
+
+#: Threads remembered per room for "follow-ups in a thread it was addressed in".
+MAX_THREADS_PER_ROOM = 256
+
+
+class MessageHandler:
+    def __init__(
+        self,
+        config: Config,
+        appservice: AppService,
+        personas: PersonaDirectory,
+        members: RoomMembers,
+        messages: MessageStore,
+        rooms: RoomStore,
+        roles: Roles,
+        commands: CommandTable,
+        sender: Sender,
+        replies: ReplyService,
+        limits: Limits,
+    ) -> None:
+        self.config = config
+        self.appservice = appservice
+        self.personas = personas
+        self.members = members
+        self.messages = messages
+        self.rooms = rooms
+        self.roles = roles
+        self.commands = commands
+        self.sender = sender
+        self.replies = replies
+        self.limits = limits
+        r = config.routing
+        self.loop_guard = LoopGuard(
+            threshold=r.ping_pong_threshold,
+            cooldown_s=r.ping_pong_cooldown_s,
+            max_turns_per_minute=r.max_persona_turns_per_minute,
+        )
+        self._threads: dict[str, dict[tuple[str, str], None]] = defaultdict(dict)
+        self._limit_charged: dict[str, str] = {}  # room -> event whose request was counted
+
+    def forget_room(self, room_id: str) -> None:
+        """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""
+        self.loop_guard.forget(room_id)
+        self._threads.pop(room_id, None)
+        self._limit_charged.pop(room_id, None)
+
+    async def on_message(self, room_id: str, msg: StoredMessage, resumed: bool = False) -> None:
+        if msg.sender == self.personas.bot_mxid:
+            return
+        members = await self.members.joined(room_id)
+        decided: set[str] = set()
+        if resumed:
+            decided = await self._resume_replies(msg, members)
+            if msg.handled:
+                return  # routed before the crash; only its replies were unfinished
+        is_ours = self.personas.is_ours(msg.sender)
+        if not is_ours and self.commands.is_command(msg.body):
+            await self._run_command(room_id, msg, members)
+            return  # commands are the bot's; personas never answer them
+        if msg.msgtype == "m.notice" or is_edit(msg.content):
+            # Edits and notices trigger nobody and are no turn: counting a streamed
+            # reply's edits as turns would hide the A→B pattern from the loop guard.
+            return
+        now = time.time()
+        verdict = self.loop_guard.observe(room_id, msg.sender, now, is_bot=is_ours)
+        if verdict.notify:
+            await self._loop_notice(room_id, msg, members)
+        personas = [
+            p for m in members if (p := self.personas.get(m)) is not None and p.name not in decided
+        ]
+        if not personas:
+            return
+        age_s = now - msg.ts / 1000
+        if age_s > self.config.replies.resume_max_age_s:
+            # Redelivered after a long outage: stored for the record, too late to answer.
+            log.info("not answering a message %.0fs old", age_s, extra={"room_id": room_id})
+            return
+        view = await self._view(msg)
+        room = await self._room_view(room_id, members)
+        for persona in personas:
+            pview = PersonaView(persona.mxid, persona.name, persona.displayname)
+            decision = decide(view, pview, room)
+            metrics.ROUTING_DECISIONS.labels(
+                "yes" if decision.answer else "no", metrics.reason_label(decision.reason)
+            ).inc()
+            if not decision.answer:
+                log.debug("%s: no (%s)", persona.name, decision.reason, extra={"room_id": room_id})
+                continue
+            pair = addressed_in_thread(view, pview, decision)
+            if pair is not None:
+                self._remember_thread(room_id, pair)
+            guard = self.loop_guard.check_turn(
+                room_id, persona.mxid, now, incoming_bounce_limit=view.bounce_limit
+            )
+            if guard is not GuardVerdict.ALLOW:
+                log.info("%s suppressed: %s", persona.name, guard, extra={"room_id": room_id})
+                _count_guard(guard, persona.name)
+                continue
+            if not await self._within_limits(room_id, msg, members, persona, is_ours):
+                continue
+            bounce = next_bounce_limit(
+                view.bounce_limit if is_ours else None, self.config.routing.bounce_limit
+            )
+            await self.replies.reply(persona, msg, bounce, group=len(members) > 2)
+
+    async def _resume_replies(self, msg: StoredMessage, members: list[str]) -> set[str]:
+        """Finish the replies to ``msg`` decided before a restart.
+
+        Returns the personas that have a reply job for it: routing never decides
+        for them again (idempotent resume), whatever the job's state. Pending
+        jobs are answered now; a persona no longer in the room fails its job.
+        """
+        jobs = self.replies.jobs
+        found = await jobs.for_event(msg.event_id)
+        by_name = {p.name: p for p in self.personas.all()}
+        for name, job in found.items():
+            if job.state != "pending":
+                continue
+            persona = by_name.get(name)
+            if persona is None or persona.mxid not in members:
+                log.info("%s left; its reply is dropped", name, extra={"room_id": msg.room_id})
+                await jobs.finish(msg.event_id, name, "failed")
+                continue
+            await self.replies.reply(
+                persona, msg, job.bounce_limit, group=len(members) > 2, job=job
+            )
+        return set(found)
+
+    async def _within_limits(
+        self, room_id: str, msg: StoredMessage, members: list[str], persona: Persona, is_ours: bool
+    ) -> bool:
+        """Rate and budgets (personas/limits.py); over a limit, one notice, then quiet.
+
+        One message costs its sender one request however many personas answer it.
+        """
+        spend = self._limit_charged.get(room_id) != msg.event_id
+        verdict = await self.limits.check(
+            None if is_ours else msg.sender, room_id, persona.name, spend=spend
+        )
+        self._limit_charged[room_id] = msg.event_id
+        if verdict.allowed:
+            return True
+        metrics.ROUTING_RATE_LIMITED.labels(
+            metrics.bounded(verdict.scope, metrics.RATE_LIMIT_SCOPES)
+        ).inc()
+        log.info("%s over a limit", msg.sender, extra={"room_id": room_id})
+        if verdict.notify:
+            intent = self.appservice.intent
+            if self.personas.bot_mxid not in members:
+                intent = self.personas.intent(persona)
+            await self.sender.send_text(
+                intent,
+                room_id,
+                verdict.message,
+                txn_id=stable_txn_id(msg.event_id, "limit"),
+                notice=True,
+            )
+        return False
+
+    async def _run_command(self, room_id: str, msg: StoredMessage, members: list[str]) -> None:
+        """Run a command; the bot answers, or in a room without the bot (a DM with a
+        persona) the persona there answers for it, so !reset works in a DM too."""
+        intent = self.appservice.intent
+        if self.personas.bot_mxid not in members:
+            personas = [p for m in members if (p := self.personas.get(m)) is not None]
+            if not personas:
+                return
+            intent = self.personas.intent(personas[0])
+
+        async def reply(text: str) -> None:
+            await self.sender.send_text(
+                intent,
+                room_id,
+                text,
+                txn_id=stable_txn_id(msg.event_id, "command", text[:64]),
+                notice=True,
+            )
+
+        ctx = CommandContext(
+            room_id,
+            msg.sender,
+            self.roles.role_of(msg.sender),
+            msg.event_id,
+            reply,
+            prefix=self.commands.prefix,
+        )
+        await self.commands.run(ctx, msg.body)
+
+    async def _loop_notice(self, room_id: str, msg: StoredMessage, members: list[str]) -> None:
+        text = (
+            "Loop limit reached: the personas here kept answering each other in the same "
+            "pattern, so they pause until someone else speaks."
+        )
+        intent = self.appservice.intent
+        if self.personas.bot_mxid not in members:
+            persona = self.personas.get(msg.sender)
+            if persona is None:
+                return
+            intent = self.personas.intent(persona)
+        await self.sender.send_text(
+            intent, room_id, text, txn_id=stable_txn_id(msg.event_id, "loop"), notice=True
+        )
+
+    async def _view(self, msg: StoredMessage) -> MessageView:
+        reply_sender = thread_sender = None
+        if msg.in_reply_to:
+            replied = await self.messages.get(msg.in_reply_to)
+            reply_sender = replied.sender if replied else None
+        if msg.thread_root:
+            root = await self.messages.get(msg.thread_root)
+            thread_sender = root.sender if root else None
+        return MessageView.from_content(
+            msg.event_id,
+            msg.sender,
+            msg.content,
+            reply_to_sender=reply_sender,
+            thread_root_sender=thread_sender,
+        )
+
+    async def _room_view(self, room_id: str, members: list[str]) -> RoomView:
+        settings = await self.rooms.get(room_id)
+        return RoomView(
+            joined_member_count=len(members),
+            bot_mxid=self.personas.bot_mxid,
+            persona_mxids=frozenset(m for m in members if self.personas.get(m)),
+            active=settings.active,
+            addressed_threads=frozenset(self._threads.get(room_id, {})),
+        )
+
+    def _remember_thread(self, room_id: str, pair: tuple[str, str]) -> None:
+        threads = self._threads[room_id]
+        threads[pair] = None
+        while len(threads) > MAX_THREADS_PER_ROOM:
+            del threads[next(iter(threads))]
+
+
+def _count_guard(verdict: GuardVerdict, persona: str) -> None:
+    """The loop guard's refusals: a loop (pattern or bounce limit) or the room's turn cap."""
+    if verdict is GuardVerdict.TURN_CAP:
+        metrics.ROUTING_RATE_LIMITED.labels("turn_cap").inc()
+    else:
+        metrics.ROUTING_PINGPONG_SUPPRESSED.labels(metrics.persona_label(persona)).inc()

@@ -1,0 +1,110 @@
+"""What our Matrix events look like: pure functions over event content, no I/O.
+
+One place for the shapes the bridge reads and writes: the stored row built
+from an ``m.room.message``, reply fallbacks, edits, the reply relation of a
+persona's answer, and the content keys hivebridge adds (MSC4295's bounce
+limit, the event a reply answers).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..db.messages import StoredMessage
+
+#: MSC4295: how many more persona-to-persona hops a message may cause.
+BOUNCE_LIMIT_KEY = "io.github.m13253.bounce_limit"
+#: The event a persona's reply answers, in every reply (DM or group, with or without
+#: m.in_reply_to): how a resumed reply finds one that was already posted.
+ANSWERS_KEY = "io.github.hivebridge.answers"
+
+_MX_REPLY_RE = re.compile(r"<mx-reply>.*?</mx-reply>", re.IGNORECASE | re.DOTALL)
+
+
+def stored_from_event(raw: Mapping[str, Any], persona: str | None = None) -> StoredMessage | None:
+    """The row we keep for an ``m.room.message``; None for anything else or malformed."""
+    if raw.get("type") != "m.room.message" or "state_key" in raw:
+        return None
+    content = raw.get("content")
+    event_id, room_id, sender = raw.get("event_id"), raw.get("room_id"), raw.get("sender")
+    if not isinstance(content, dict) or not all(
+        isinstance(v, str) and v for v in (event_id, room_id, sender)
+    ):
+        return None
+    body = content.get("body")
+    msgtype = content.get("msgtype")
+    relates = content.get("m.relates_to")
+    relates = relates if isinstance(relates, dict) else {}
+    thread_root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
+    reply = relates.get("m.in_reply_to")
+    in_reply_to = reply.get("event_id") if isinstance(reply, dict) else None
+    ts = raw.get("origin_server_ts")
+    return StoredMessage(
+        event_id=str(event_id),
+        room_id=str(room_id),
+        sender=str(sender),
+        msgtype=msgtype if isinstance(msgtype, str) else None,
+        body=body if isinstance(body, str) else "",
+        content=content,
+        thread_root=thread_root if isinstance(thread_root, str) else None,
+        in_reply_to=in_reply_to if isinstance(in_reply_to, str) else None,
+        ts=ts if isinstance(ts, int) and not isinstance(ts, bool) else int(time.time() * 1000),
+        persona=persona,
+    )
+
+
+def is_edit(content: Mapping[str, Any]) -> bool:
+    """An ``m.replace`` edit of another event: the original already had its turn."""
+    relates = content.get("m.relates_to") if isinstance(content, Mapping) else None
+    return isinstance(relates, Mapping) and relates.get("rel_type") == "m.replace"
+
+
+def strip_reply_fallback(body: str) -> str:
+    """Drop the leading ``> `` quote block of a reply fallback (and the blank line after)."""
+    if not body.startswith(">"):
+        return body
+    lines = body.split("\n")
+    i = 0
+    while i < len(lines) and (lines[i].startswith("> ") or lines[i] == ">"):
+        i += 1
+    if i == 0:
+        return body
+    if i < len(lines) and lines[i] == "":
+        i += 1
+    return "\n".join(lines[i:])
+
+
+def strip_html_reply(html: str) -> str:
+    """Drop the ``<mx-reply>`` fallback block of a formatted reply."""
+    return _MX_REPLY_RE.sub("", html)
+
+
+def bounce_limit_of(content: Mapping[str, Any]) -> int | None:
+    """The MSC4295 bounce limit a message carries; None when it has none (a human)."""
+    limit = content.get(BOUNCE_LIMIT_KEY) if isinstance(content, Mapping) else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def reply_relation(msg: StoredMessage) -> dict[str, object]:
+    """Content keys that make a message a reply to ``msg`` (in its thread, if any).
+
+    In a group the answer says what it answers and mentions its sender, so the
+    asker is notified and a persona that asked counts as addressed.
+    """
+    relates: dict[str, object] = {"m.in_reply_to": {"event_id": msg.event_id}}
+    if msg.thread_root:
+        relates.update(rel_type="m.thread", event_id=msg.thread_root, is_falling_back=False)
+    return {"m.relates_to": relates, "m.mentions": {"user_ids": [msg.sender]}}
+
+
+def answer_marks(msg: StoredMessage, bounce_limit: int, *, group: bool) -> dict[str, object]:
+    """The keys every persona answer carries: its bounce limit, what it answers, and in
+    a group the reply relation."""
+    return {
+        BOUNCE_LIMIT_KEY: bounce_limit,
+        ANSWERS_KEY: msg.event_id,
+        **(reply_relation(msg) if group else {}),
+    }

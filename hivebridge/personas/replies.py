@@ -1,0 +1,343 @@
+"""Reply delivery: a persona's answer to one message, exactly once, streamed into the room.
+
+The decision to answer is persisted as a reply job before any work; the prompt
+comes from :mod:`.history`; the text streams from the persona's backend into
+one message edited in place (throttled), ending with a final edit holding the
+whole text. Failures end as one short notice in the room, never as a
+traceback. When a reply is done, its cost is recorded and every observer
+hears of it (:class:`ReplyDone`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from mautrix.appservice import IntentAPI
+from mautrix.errors import MatrixRequestError
+
+from .. import metrics
+from ..config import Config
+from ..conversation import EditThrottle, Prompt, markdown_to_html, strip_think, summary_due
+from ..db.messages import MessageStore, StoredMessage
+from ..db.personas import Persona
+from ..db.reply_jobs import JobState, ReplyJob, ReplyJobStore
+from ..inference.types import Backend, ChatMessage, GenerationStats, InferenceError, SamplingParams
+from ..matrix.content import answer_marks
+from ..matrix.sender import Sender, retryable, stable_txn_id
+from .directory import PersonaDirectory
+from .history import Chapter, ConversationHistory
+from .limits import Limits
+from .summaries import Summarizer
+
+log = logging.getLogger("hivebridge.replies")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyDone:
+    """One finished reply: what it answered, what it cost, how it looked in the room."""
+
+    persona: Persona
+    message: StoredMessage  # the message answered
+    reply_event_id: str | None  # None when nothing was posted
+    stats: GenerationStats
+    model: str  # the catalogue's name of the model that answered
+    first_visible_s: float | None  # from the start of the reply to its first text in the room
+    edits: int  # m.replace edits sent, the final one included
+    error: str | None = None  # what the room was told when it failed
+
+
+ReplyObserver = Callable[[ReplyDone], Awaitable[None]]
+
+
+class ReplyService:
+    """Answers messages as personas; one instance serves every persona in every room."""
+
+    def __init__(
+        self,
+        config: Config,
+        personas: PersonaDirectory,
+        history: ConversationHistory,
+        messages: MessageStore,
+        sender: Sender,
+        jobs: ReplyJobStore,
+        limits: Limits,
+        summarizer: Summarizer,
+        *,
+        backend_for: Callable[[Persona], Backend],
+        model_name: Callable[[GenerationStats, str], str],
+        observers: Sequence[ReplyObserver] = (),
+    ) -> None:
+        """``backend_for`` picks the persona's backend; ``model_name`` names the model that
+        answered as the catalogue does (metric labels, usage rows)."""
+        self.config = config
+        self.personas = personas
+        self.history = history
+        self.messages = messages
+        self.sender = sender
+        self.jobs = jobs
+        self.limits = limits
+        self.summarizer = summarizer
+        self.backend_for = backend_for
+        self.model_name = model_name
+        self._observers = list(observers)
+
+    def observe(self, observer: ReplyObserver) -> Callable[[], None]:
+        """Hear of every finished reply; returns the undo."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def sampling(self) -> SamplingParams:
+        inf = self.config.inference
+        return SamplingParams(
+            max_tokens=inf.max_tokens, temperature=inf.temperature, top_p=inf.top_p
+        )
+
+    async def reply(
+        self,
+        persona: Persona,
+        msg: StoredMessage,
+        bounce_limit: int,
+        *,
+        group: bool = False,
+        job: ReplyJob | None = None,
+    ) -> str | None:
+        """Answer ``msg`` as ``persona`` once, even across a crash.
+
+        With ``job`` None this is a new decision: it is persisted as a pending
+        reply job before any work, and refused (None) when the pair already has
+        one, so routing the same message twice cannot answer it twice. With a
+        pending ``job`` (resumed after a restart) the reply is regenerated and
+        lands on the reply already posted, if there is one (the job's, or one
+        found in the room), else it is sent with the same stable txn id.
+        Returns the reply's event id; None when nothing was posted.
+        """
+        intent = self.personas.intent(persona)
+        existing: str | None = None
+        if job is None:
+            if not await self.jobs.create(msg.event_id, persona.name, msg.room_id, bounce_limit):
+                log.info(
+                    "%s already answers %s; not deciding again",
+                    persona.name,
+                    msg.event_id,
+                    extra={"room_id": msg.room_id},
+                )
+                return None
+        else:
+            bounce_limit = job.bounce_limit
+            existing = job.reply_event_id or await self.sender.find_reply(
+                intent, msg.room_id, msg.event_id, since_ts=msg.ts
+            )
+            log.info(
+                "resuming %s's reply to %s (%s)",
+                persona.name,
+                msg.event_id,
+                f"editing {existing}" if existing else "not posted yet",
+                extra={"room_id": msg.room_id},
+            )
+        try:
+            return await self._reply(persona, msg, bounce_limit, group, existing)
+        except MatrixRequestError as e:
+            if not retryable(e):  # forbidden, not in the room...: retrying cannot help
+                await self._settle(persona, msg, "failed")
+            raise
+
+    async def _settle(
+        self, persona: Persona, msg: StoredMessage, state: JobState, reply: str | None = None
+    ) -> None:
+        await self.jobs.finish(msg.event_id, persona.name, state, reply)
+
+    async def _reply(
+        self,
+        persona: Persona,
+        msg: StoredMessage,
+        bounce_limit: int,
+        group: bool,
+        existing: str | None,
+    ) -> str | None:
+        intent = self.personas.intent(persona)
+        extra = answer_marks(msg, bounce_limit, group=group)
+        stream = LiveReply(self, intent, persona, msg, extra, existing=existing)
+        prompt: Prompt | None = None
+        chapter: Chapter | None = None
+        stats = GenerationStats(model=persona.model or "", backend="")
+        await self.sender.typing(intent, msg.room_id, True)
+        error = ""
+        try:
+            prompt, chapter = await self.history.prompt_for(persona, msg, group=group)
+            gen = self.backend_for(persona).generate(
+                prompt.messages, self.sampling(), session=f"{msg.room_id}|{persona.mxid}"
+            )
+            async for piece in gen:
+                await stream.add(piece)
+            stats = gen.stats
+        except InferenceError as e:
+            error = str(e)
+        finally:
+            await self.sender.typing(intent, msg.room_id, False)
+        event_id = await stream.finish()
+        model = self.model_name(stats, persona.model or "default")
+        if event_id is None or error:
+            error = error or "the model returned nothing"
+            await self.sender.send_text(
+                intent,
+                msg.room_id,
+                f"⚠️ I could not answer: {error}",
+                txn_id=stable_txn_id(msg.event_id, persona.mxid, "error"),
+                notice=True,
+                persona=persona.name,
+            )
+            await self._settle(persona, msg, "failed", event_id)
+            await self._done(ReplyDone(persona, msg, event_id, stats, model, None, 0, error))
+            return event_id
+        await self._settle(persona, msg, "done", event_id)  # the final edit is out
+        assert prompt is not None and chapter is not None
+        metrics.observe_generation(stats, model)
+        log.info(
+            "reply done: %d tokens, ttft %.2fs, %d edits",
+            stats.completion_tokens,
+            stats.ttft_s or 0.0,
+            stream.edits_sent,
+            extra={"room_id": msg.room_id, "persona": persona.name, "event_id": msg.event_id},
+        )
+        await self._record_usage(persona, msg, stats, model, prompt.messages)
+        self._maybe_summarize(persona, msg.room_id, prompt, chapter)
+        await self._done(
+            ReplyDone(
+                persona, msg, event_id, stats, model, stream.first_visible_s, stream.edits_sent
+            )
+        )
+        return event_id
+
+    async def _record_usage(
+        self,
+        persona: Persona,
+        msg: StoredMessage,
+        stats: GenerationStats,
+        model: str,
+        prompt: list[ChatMessage],
+    ) -> None:
+        """Count the reply against budgets and ``!stats``; a failure here never costs it."""
+        if not stats.prompt_tokens:  # backends without a usage report: count it ourselves
+            stats.prompt_tokens = sum(self.history.count_tokens(m.content) for m in prompt)
+        try:
+            await self.limits.record(
+                user=msg.sender,
+                room_id=msg.room_id,
+                persona=persona.name,
+                model=model,
+                kind="reply",
+                prompt_tokens=stats.prompt_tokens,
+                completion_tokens=stats.completion_tokens,
+            )
+        except Exception:
+            log.warning("could not record usage", exc_info=True, extra={"room_id": msg.room_id})
+
+    async def _done(self, done: ReplyDone) -> None:
+        for observer in list(self._observers):
+            try:
+                await observer(done)
+            except Exception:
+                room = {"room_id": done.message.room_id}
+                log.warning("a reply observer failed", exc_info=True, extra=room)
+
+    def _maybe_summarize(
+        self, persona: Persona, room_id: str, prompt: Prompt, chapter: Chapter
+    ) -> None:
+        """Fold the turns this prompt had to drop into the chapter summary, later.
+
+        Started after the reply is out, as a background job, so no reply waits.
+        """
+        cfg = self.config.summaries
+        if cfg.enabled and summary_due(prompt, min_dropped_turns=cfg.min_dropped_turns):
+            self.summarizer.schedule(
+                self.backend_for(persona),
+                persona,
+                room_id,
+                chapter.key,
+                prompt.dropped,
+                chapter.summary,
+            )
+
+
+class LiveReply:
+    """One streamed reply: first text sent, throttled edits, a final full edit."""
+
+    def __init__(
+        self,
+        service: ReplyService,
+        intent: IntentAPI,
+        persona: Persona,
+        msg: StoredMessage,
+        extra: dict[str, object],
+        *,
+        existing: str | None = None,
+    ) -> None:
+        """``existing``: a reply already posted (a resumed job); it is edited, never re-sent."""
+        cfg = service.config.replies
+        self.service = service
+        self.intent = intent
+        self.persona = persona
+        self.msg = msg
+        self.extra = extra
+        # A resumed reply is already on screen: one final edit, no replayed stream.
+        self.streaming = cfg.streaming and existing is None
+        self.show_thinking = cfg.show_thinking
+        self.throttle = EditThrottle(interval_s=cfg.edit_interval_s, max_edits=cfg.max_edits)
+        self.raw = ""
+        self.event_id: str | None = existing
+        # Edits of a resumed reply get txn ids of their own: reusing the first
+        # run's would make Synapse answer with that run's (partial) edit.
+        self._edit_tag = "resume-edit" if existing else "edit"
+        self.edits_sent = 0
+        self.first_visible_s: float | None = None
+        self._started = time.monotonic()
+
+    def _visible(self, *, streaming: bool) -> str:
+        return strip_think(self.raw, self.show_thinking, streaming=streaming).strip()
+
+    async def add(self, piece: str) -> None:
+        self.raw += piece
+        if self.streaming:
+            await self._apply(self.throttle.update(self._visible(streaming=True), time.monotonic()))
+
+    async def finish(self) -> str | None:
+        await self._apply(self.throttle.finish(self._visible(streaming=False), time.monotonic()))
+        if self.event_id is not None:
+            await self.service.messages.update_body(self.event_id, self._visible(streaming=False))
+        return self.event_id
+
+    async def _apply(self, action: object) -> None:
+        kind, text = getattr(action, "kind", "none"), getattr(action, "text", "")
+        if kind == "none" or not text:
+            return
+        sender, msg, persona = self.service.sender, self.msg, self.persona
+        html = markdown_to_html(text)
+        if self.event_id is None:
+            self.first_visible_s = time.monotonic() - self._started
+            self.event_id = await sender.send_text(
+                self.intent,
+                msg.room_id,
+                text,
+                txn_id=stable_txn_id(msg.event_id, persona.mxid),
+                html=html,
+                persona=persona.name,
+                extra=self.extra,
+            )
+            # A resume now edits this instead of posting.
+            await self.service.jobs.set_reply_event(msg.event_id, persona.name, self.event_id)
+        else:
+            self.edits_sent += 1
+            await sender.edit_text(
+                self.intent,
+                msg.room_id,
+                self.event_id,
+                text,
+                txn_id=stable_txn_id(
+                    msg.event_id, persona.mxid, self._edit_tag, str(self.edits_sent)
+                ),
+                html=html,
+                persona=persona.name,
+            )
