@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,14 +30,25 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .inference.types import GenerationStats
+
+class GenerationFigures(Protocol):
+    """What :func:`observe_generation` reads of a finished generation's stats."""
+
+    queue_wait_s: float | None
+    ttft_s: float | None
+    total_s: float
+    completion_tokens: int
+    evaluated_tokens: int
+    cached_tokens: int
+
 
 __all__ = [
     "OTHER",
     "REGISTRY",
     "LabelLimiter",
     "bounded",
+    "count_endpoint_error",
+    "count_failover",
     "endpoint_label",
     "event_type_label",
     "model_label",
@@ -402,7 +413,17 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def observe_generation(stats: GenerationStats, model: str) -> None:
+def count_endpoint_error(endpoint: str, kind: str) -> None:
+    """One failed call to a remote endpoint, labelled by its name (never its URL or key)."""
+    ENDPOINT_ERRORS.labels(endpoint_label(endpoint), bounded(kind, ENDPOINT_ERROR_KINDS)).inc()
+
+
+def count_failover(endpoint: str) -> None:
+    """A request moved off ``endpoint`` to the next one in line."""
+    ENDPOINT_FAILOVERS.labels(endpoint_label(endpoint)).inc()
+
+
+def observe_generation(stats: GenerationFigures, model: str) -> None:
     """Record one finished generation (replies and ``!ask`` call this once each).
 
     Done where a request finishes rather than in every backend, so local, remote

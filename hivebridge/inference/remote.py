@@ -9,15 +9,15 @@ the API key is scrubbed out and the original exception is not chained.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import openai
 
-from .. import metrics
+from .generation import StreamingGeneration
+from .hooks import NO_HOOKS, InferenceHooks
 from .types import BackendUnavailable, ChatMessage, GenerationStats, InferenceError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,6 @@ class RemoteError(InferenceError):
         return "bad_response"
 
 
-def count_error(err: RemoteError) -> None:
-    """Count a failed endpoint call, labelled by the endpoint's name (never its URL or key)."""
-    kind = metrics.bounded(err.kind, metrics.ENDPOINT_ERROR_KINDS)
-    metrics.ENDPOINT_ERRORS.labels(metrics.endpoint_label(err.endpoint), kind).inc()
-
-
 class EndpointUnavailable(RemoteError, BackendUnavailable):
     """Connect error, timeout, 429 or 5xx: worth trying again or elsewhere."""
 
@@ -155,8 +149,10 @@ class RemoteEndpoint:
         timeouts: EndpointTimeouts | None = None,
         default_model: str | None = None,
         extra_sampling: bool = True,
+        hooks: InferenceHooks = NO_HOOKS,
     ) -> None:
         self.name = name
+        self.hooks = hooks
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or EndpointTimeouts()
         self.default_model = default_model
@@ -193,7 +189,7 @@ class RemoteEndpoint:
             ids = [m.id for m in page.data]
         except Exception as exc:
             err = self.map_error(exc)
-            count_error(err)
+            self.count_error(err)
             raise err from None
         self.models = ids
         return ids
@@ -214,6 +210,10 @@ class RemoteEndpoint:
                 endpoint=self.name,
             )
         return RemoteGeneration(self, chosen, messages, params, session)
+
+    def count_error(self, err: RemoteError) -> None:
+        """Report a failed call (labelled by endpoint name, never its URL or key)."""
+        self.hooks.endpoint_error(self.name, err.kind)
 
     # --- helpers used by RemoteGeneration -------------------------------------------
 
@@ -309,7 +309,7 @@ def _status_detail(exc: openai.APIStatusError) -> str:
     return ""
 
 
-class RemoteGeneration:
+class RemoteGeneration(StreamingGeneration):
     """One streamed chat completion against a :class:`RemoteEndpoint`."""
 
     def __init__(
@@ -320,34 +320,24 @@ class RemoteGeneration:
         params: SamplingParams,
         session: str | None,
     ) -> None:
+        super().__init__(GenerationStats(model=model, backend=endpoint.name))
         self.endpoint = endpoint
         self.session = session
-        self.stats = GenerationStats(model=model, backend=endpoint.name)
         self._messages = list(messages)
         self._params = params
-        self._stream: Any = None
-        self._closed = False
-        self._iter = self._run()
+        self._stream_response: Any = None
 
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._iter
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._iter.aclose()
-        await self._close_stream()
-        if self.stats.finish_reason is None:
-            self.stats.finish("cancelled")
-
-    async def _close_stream(self) -> None:
-        stream, self._stream = self._stream, None
+    async def _release(self) -> None:
+        stream, self._stream_response = self._stream_response, None
         if stream is not None:
             try:
                 await stream.close()
             except Exception:  # closing a broken connection may fail again
                 log.debug("closing stream of %s failed", self.endpoint.name, exc_info=False)
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, RemoteError):
+            self.endpoint.count_error(exc)  # once per failed request, wherever in it it failed
 
     async def _open(self) -> Any:
         ep = self.endpoint
@@ -368,58 +358,45 @@ class RemoteGeneration:
         except Exception as exc:
             raise ep.map_error(exc) from None
 
-    async def _run(self) -> AsyncGenerator[str, None]:
+    async def _stream(self) -> AsyncGenerator[str, None]:
         ep, stats = self.endpoint, self.stats
         got_text = False
         finish: str | None = None
         chunks = 0
+        self._stream_response = await self._open()
         try:
-            self._stream = await self._open()
-            try:
-                async for chunk in self._stream:
-                    usage = getattr(chunk, "usage", None)
-                    if usage is not None:
-                        _apply_usage(stats, usage)
-                    for choice in chunk.choices or ():
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
-                        text = choice.delta.content if choice.delta else None
-                        if text:
-                            stats.mark_first_token()
-                            got_text = True
-                            chunks += 1
-                            yield text
-            except RemoteError:
-                raise
-            except Exception as exc:
-                err = ep.map_error(exc)
-                if got_text:
-                    raise StreamInterrupted(
-                        f"endpoint {ep.name}: stream broke after the reply started ({err})",
-                        endpoint=ep.name,
-                        kind=err.kind,
-                    ) from None
-                raise err from None
-            if finish is None:
-                err_msg = f"endpoint {ep.name}: stream ended without a finish reason"
-                if got_text:
-                    raise StreamInterrupted(err_msg, endpoint=ep.name)
-                raise EndpointUnavailable(err_msg, endpoint=ep.name)
-            if stats.completion_tokens == 0:
-                stats.completion_tokens = chunks  # no usage block: one token per chunk
-            stats.finish("length" if finish == "length" else "stop")
-        except (GeneratorExit, asyncio.CancelledError):
-            if stats.finish_reason is None:
-                stats.finish("cancelled")
+            async for chunk in self._stream_response:
+                usage = getattr(chunk, "usage", None)
+                if usage is not None:
+                    _apply_usage(stats, usage)
+                for choice in chunk.choices or ():
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+                    text = choice.delta.content if choice.delta else None
+                    if text:
+                        stats.mark_first_token()
+                        got_text = True
+                        chunks += 1
+                        yield text
+        except RemoteError:
             raise
-        except BaseException as exc:
-            if stats.finish_reason is None:
-                stats.finish("error")
-            if isinstance(exc, RemoteError):
-                count_error(exc)  # once per failed request, wherever in it it failed
-            raise
-        finally:
-            await self._close_stream()
+        except Exception as exc:
+            err = ep.map_error(exc)
+            if got_text:
+                raise StreamInterrupted(
+                    f"endpoint {ep.name}: stream broke after the reply started ({err})",
+                    endpoint=ep.name,
+                    kind=err.kind,
+                ) from None
+            raise err from None
+        if finish is None:
+            err_msg = f"endpoint {ep.name}: stream ended without a finish reason"
+            if got_text:
+                raise StreamInterrupted(err_msg, endpoint=ep.name)
+            raise EndpointUnavailable(err_msg, endpoint=ep.name)
+        if stats.completion_tokens == 0:
+            stats.completion_tokens = chunks  # no usage block: one token per chunk
+        stats.finish("length" if finish == "length" else "stop")
 
 
 def _apply_usage(stats: GenerationStats, usage: Any) -> None:

@@ -18,7 +18,6 @@ import pytest
 from hivebridge.catalogue import ModelCatalogue, local_model_name, scan_local_models
 from hivebridge.commands.base import CommandContext, CommandTable
 from hivebridge.commands.models import ModelCommands, failover_note, resolve_key, safe_url
-from hivebridge.commands.parser import Role
 from hivebridge.commands.stats import StatsCommands
 from hivebridge.config import Config, HomeserverConfig, InferenceConfig, LimitsConfig
 from hivebridge.db import open_database
@@ -26,10 +25,12 @@ from hivebridge.db.catalogue import CatalogueStore
 from hivebridge.db.endpoints import EndpointStore, StoredEndpoint
 from hivebridge.db.usage import RateLimitStore, UsageStore
 from hivebridge.inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
+from hivebridge.inference.endpoints import RetryPolicy, RouterConfig
+from hivebridge.inference.local import EngineSettings, LocalEngine
 from hivebridge.inference.remote import EndpointTimeouts
-from hivebridge.inference.router import InferenceRouter, RetryPolicy, RouterConfig
-from hivebridge.inference.serial import SerialLlamaBackend
-from hivebridge.limits import Limits
+from hivebridge.inference.router import InferenceRouter
+from hivebridge.permissions import Role
+from hivebridge.personas.limits import Limits
 from tests.support.llama_server import LlamaServer, llama_server_missing, start_llama_server
 
 pytestmark = pytest.mark.model
@@ -67,8 +68,10 @@ def model_path() -> Path:
 
 
 @pytest.fixture
-async def local(model_path: Path) -> AsyncIterator[SerialLlamaBackend]:
-    backend = SerialLlamaBackend(model_path, n_ctx=1024, threads=1)
+async def local(model_path: Path) -> AsyncIterator[LocalEngine]:
+    backend = LocalEngine(
+        model_path, EngineSettings(n_ctx=2048, n_seq_max=2, threads=1, adaptive_threads=False)
+    )
     await backend.start()
     yield backend
     await backend.stop()
@@ -108,7 +111,7 @@ class Harness:
 
 
 async def harness(
-    db_url: str, local: SerialLlamaBackend, model_path: Path, cfg: Config
+    db_url: str, local: LocalEngine, model_path: Path, cfg: Config
 ) -> tuple[Harness, object]:
     db = await open_database(db_url)
     router = InferenceRouter(fallback=local, config=FAST)
@@ -162,7 +165,7 @@ async def test_ids_and_aliases_survive_restart(db_url: str) -> None:
 async def test_commands_against_real_endpoint(
     sqlite_url: str,
     server: LlamaServer,
-    local: SerialLlamaBackend,
+    local: LocalEngine,
     model_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -24,8 +24,8 @@ from hivebridge.db.catalogue import CatalogueStore
 from hivebridge.db.personas import Persona, PersonaStore
 from hivebridge.db.usage import UsageRecord, UsageStore
 from hivebridge.inference.router import InferenceRouter
-from hivebridge.personas import PersonaDirectory
-from hivebridge.routing.rate_limit import utc_day
+from hivebridge.personas.directory import PersonaDirectory
+from hivebridge.utc import utc_day
 from hivebridge.web import AdminError, AdminProvider, WebServer
 from tests.integration.test_intake import HS_TOKEN, put, start_intake, stop_intake, txn_body
 from tests.unit.test_router import FakeLocal
@@ -139,7 +139,7 @@ async def parts(db_url: str) -> AsyncIterator[Parts]:
         intent = FakeIntent()
         admin = BridgeAdmin(
             db=db,
-            intent=intent,  # type: ignore[arg-type]
+            intent_of=lambda: intent,  # type: ignore[arg-type,return-value]
             catalogue=catalogue,
             personas=personas,
             usage=usage,

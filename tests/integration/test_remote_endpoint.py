@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
 
+from hivebridge.inference.endpoints import RetryPolicy, RouterConfig
 from hivebridge.inference.remote import (
     EndpointAuthError,
     EndpointTimeouts,
@@ -20,7 +21,7 @@ from hivebridge.inference.remote import (
     RemoteEndpoint,
     StreamInterrupted,
 )
-from hivebridge.inference.router import InferenceRouter, RetryPolicy, RouterConfig
+from hivebridge.inference.router import InferenceRouter
 from hivebridge.inference.types import (
     ChatMessage,
     GenerationStats,

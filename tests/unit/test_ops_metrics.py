@@ -10,7 +10,8 @@ import pytest
 from mautrix.errors import MatrixUnknownRequestError, MForbidden, MLimitExceeded, MNotFound
 
 from hivebridge import metrics
-from hivebridge.devserver.synapse import free_port
+from hivebridge.devserver.process import free_port
+from hivebridge.inference.hooks import InferenceHooks
 from hivebridge.inference.remote import (
     EndpointAuthError,
     EndpointUnavailable,
@@ -21,6 +22,9 @@ from hivebridge.inference.remote import (
 from hivebridge.inference.types import GenerationStats, InferenceError, collect
 from hivebridge.matrix.sender import counted, send_error_kind
 from tests.unit.test_router import MSGS, PARAMS, FakeDeployment, FakeLocal, down, make_router
+
+#: What the app connects: inference reports, metrics count.
+HOOKS = InferenceHooks(metrics.count_endpoint_error, metrics.count_failover)
 
 
 def value(name: str, **labels: str) -> float:
@@ -90,7 +94,7 @@ def test_remote_error_kinds(err: RemoteError, kind: str) -> None:
 
 async def test_a_refused_endpoint_is_counted_under_its_name_only() -> None:
     key = "sk-never-a-label-0123456789"
-    ep = RemoteEndpoint("refusing", f"http://127.0.0.1:{free_port()}/v1", key)
+    ep = RemoteEndpoint("refusing", f"http://127.0.0.1:{free_port()}/v1", key, hooks=HOOKS)
     before = value("hivebridge_endpoint_errors_total", endpoint="refusing", kind="connect")
     try:
         with pytest.raises(InferenceError):
@@ -108,7 +112,7 @@ async def test_a_refused_endpoint_is_counted_under_its_name_only() -> None:
 async def test_failover_counts_the_endpoint_left() -> None:
     a = FakeDeployment("fo-a", script=[down("fo-a")])
     b = FakeDeployment("fo-b")
-    router, _ = await make_router(a, b)
+    router, _ = await make_router(a, b, hooks=HOOKS)
     before = {n: value("hivebridge_endpoint_failovers_total", endpoint=n) for n in ("fo-a", "fo-b")}
     # Both orders of the plan: the failing one is tried first for some session.
     session = next(s for s in (f"s{i}" for i in range(100)) if router.plan("m", s)[0] == "fo-a")
@@ -120,7 +124,7 @@ async def test_failover_counts_the_endpoint_left() -> None:
 
 async def test_retrying_the_same_endpoint_is_no_failover() -> None:
     only = FakeDeployment("fo-only", script=[down("fo-only")])
-    router, _ = await make_router(only)
+    router, _ = await make_router(only, hooks=HOOKS)
     before = value("hivebridge_endpoint_failovers_total", endpoint="fo-only")
     assert (await collect(router.generate(MSGS, PARAMS, model="m"))).startswith("fo-only:")
     assert value("hivebridge_endpoint_failovers_total", endpoint="fo-only") == before
@@ -128,7 +132,7 @@ async def test_retrying_the_same_endpoint_is_no_failover() -> None:
 
 async def test_failover_to_the_local_fallback_counts() -> None:
     dead = FakeDeployment("fo-dead", script=[down("fo-dead")] * 5)
-    router, _ = await make_router(dead, fallback=FakeLocal("local:tiny"))
+    router, _ = await make_router(dead, fallback=FakeLocal("local:tiny"), hooks=HOOKS)
     before = value("hivebridge_endpoint_failovers_total", endpoint="fo-dead")
     assert (await collect(router.generate(MSGS, PARAMS, model="m"))).startswith("local:tiny:")
     assert value("hivebridge_endpoint_failovers_total", endpoint="fo-dead") == before + 1

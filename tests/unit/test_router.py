@@ -7,14 +7,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from hivebridge.inference.endpoints import RetryPolicy, RouterConfig
 from hivebridge.inference.health import BreakerConfig
+from hivebridge.inference.hooks import NO_HOOKS, InferenceHooks
 from hivebridge.inference.remote import (
     EndpointAuthError,
     EndpointUnavailable,
     RequestRejected,
     StreamInterrupted,
 )
-from hivebridge.inference.router import InferenceRouter, RetryPolicy, RouterConfig
+from hivebridge.inference.router import InferenceRouter
 from hivebridge.inference.types import (
     Backend,
     BackendUnavailable,
@@ -133,10 +135,11 @@ async def make_router(
     fallback: Backend | None = None,
     retry: RetryPolicy | None = None,
     breaker: BreakerConfig | None = None,
+    hooks: InferenceHooks = NO_HOOKS,
 ) -> tuple[InferenceRouter, Sleeps]:
     sleeps = Sleeps()
     config = RouterConfig(retry=retry or RetryPolicy(), breaker=breaker or BreakerConfig())
-    router = InferenceRouter(fallback=fallback, config=config, sleep=sleeps)
+    router = InferenceRouter(fallback=fallback, config=config, sleep=sleeps, hooks=hooks)
     for d in deployments:
         await router.add_deployment(d)
     return router, sleeps

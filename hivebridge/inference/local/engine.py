@@ -14,11 +14,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hivebridge.inference.generation import StreamingGeneration
 from hivebridge.inference.types import (
     BackendUnavailable,
     ChatMessage,
@@ -80,19 +81,18 @@ class PreparedPrompt:
     trimmed: bool
 
 
-class LocalGeneration:
+class LocalGeneration(StreamingGeneration):
     """A running request; iterate for text pieces. Implements the Generation protocol.
 
     If you stop iterating early, call :meth:`aclose` so the sequence is freed.
     """
 
     def __init__(self, engine: LocalEngine, rid: int, stats: GenerationStats) -> None:
-        self.stats = stats
+        super().__init__(stats)
         self._engine = engine
         self._rid = rid
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._finished = False
-        self._closed = False
         self.tokens: list[int] = []  # completion token ids, set when the stream ends
 
     # Called on the event loop (via call_soon_threadsafe).
@@ -116,13 +116,8 @@ class LocalGeneration:
             st.finish(u.finish)
             self._queue.put_nowait(u.error if u.error is not None else _END)
 
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
+    async def _stream(self) -> AsyncGenerator[str, None]:
         while True:
-            if self._closed and self._queue.empty():
-                raise StopAsyncIteration
             try:
                 if not self._queue.empty():
                     item = self._queue.get_nowait()
@@ -133,13 +128,11 @@ class LocalGeneration:
                     self._fail_local(self._engine.unavailable_error())
                 continue
             if item is _END:
-                self._closed = True
-                raise StopAsyncIteration
+                return
             if isinstance(item, BaseException):
-                self._closed = True
                 raise item
             assert isinstance(item, str)
-            return item
+            yield item
 
     def _fail_local(self, exc: Exception) -> None:
         if not self._finished:
@@ -147,16 +140,12 @@ class LocalGeneration:
             self.stats.finish("error")
             self._queue.put_nowait(exc)
 
-    async def aclose(self) -> None:
-        """Cancel the request; the engine frees its sequence. Safe to call twice."""
+    async def _release(self) -> None:
+        """Cancelled before its end: the engine frees the request's sequence."""
         if not self._finished:
             self._finished = True
             self.stats.finish("cancelled")
             self._engine._send(_Cancel(self._rid))
-        self._closed = True
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(_END)
 
 
 class LocalEngine:
@@ -435,7 +424,8 @@ class LocalEngine:
             sched = Scheduler(model, s, store)
             self.restored_personas = sched.restore_personas()
         except BaseException as exc:
-            log.exception("could not start the local engine for %s", self.model_path)
+            # The caller of start() hears of it and says so; the trace is for debugging.
+            log.debug("could not start the local engine for %s", self.model_path, exc_info=True)
             if sched is not None:
                 sched.close()
             if store is not None:

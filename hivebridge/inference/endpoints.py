@@ -1,0 +1,287 @@
+"""The endpoint pool: remote OpenAI-compatible endpoints, their health, aliases and stickiness.
+
+Which endpoints serve a model, in the order one request should try them
+(:meth:`EndpointPool.plan`):
+
+1. the endpoint this ``session`` (room + persona) used last, while it serves the
+   model, so the server's prefix cache for the room stays warm;
+2. the other endpoints serving the model, in rendezvous-hash order for the
+   session (a failover lands on the same endpoint every time) or by latency.
+
+Each endpoint has a circuit breaker (health.py); models are discovered with
+``GET /v1/models`` at add time and in the background. The pool knows nothing
+of Matrix or databases: callers persist endpoints and aliases themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .health import BreakerConfig, BreakerState, CircuitBreaker
+from .hooks import NO_HOOKS, InferenceHooks
+from .remote import EndpointTimeouts, RemoteEndpoint
+from .types import ChatMessage, Generation, InferenceError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class Deployment(Protocol):
+    """What the pool needs from an endpoint; :class:`RemoteEndpoint` is the real one."""
+
+    name: str
+    base_url: str
+
+    def masked_key(self) -> str: ...
+
+    async def list_models(self) -> list[str]: ...
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        *,
+        session: str | None = None,
+        model: str | None = None,
+    ) -> Generation: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 3  # remote attempts per request before the local backends
+    backoff_s: float = 0.25  # wait before retrying an endpoint already tried
+    backoff_max_s: float = 2.0
+    jitter: float = 0.2  # +-20 %
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    timeouts: EndpointTimeouts = field(default_factory=EndpointTimeouts)
+    max_sticky_sessions: int = 10_000
+    refresh_interval_s: float = 300.0  # background model discovery; 0 turns it off
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    """Plain data for an ``!endpoints`` listing; never holds the key itself."""
+
+    name: str
+    url: str
+    masked_key: str
+    healthy: bool
+    state: str
+    latency_ms: float | None
+    models: tuple[str, ...]
+    last_error: str | None
+    cooldown_remaining_s: float
+
+
+@dataclass(slots=True)
+class Member:
+    """One endpoint of the pool: the client, its breaker and the models it lists."""
+
+    deployment: Deployment
+    breaker: CircuitBreaker
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.deployment.name
+
+
+class EndpointPool:
+    def __init__(
+        self,
+        config: RouterConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        hooks: InferenceHooks = NO_HOOKS,
+    ) -> None:
+        self.config = config or RouterConfig()
+        self.hooks = hooks
+        self.clock = clock
+        self.sleep = sleep
+        self._members: dict[str, Member] = {}
+        self._aliases: dict[str, str] = {}
+        self._sticky: OrderedDict[str, str] = OrderedDict()
+        self._refresh_task: asyncio.Task[None] | None = None
+
+    # --- members ----------------------------------------------------------------------
+
+    def remote(
+        self, name: str, url: str, api_key: str | None, timeouts: EndpointTimeouts | None = None
+    ) -> RemoteEndpoint:
+        """A client for an OpenAI-compatible endpoint, reporting through the pool's hooks."""
+        return RemoteEndpoint(
+            name, url, api_key, timeouts=timeouts or self.config.timeouts, hooks=self.hooks
+        )
+
+    async def add(self, deployment: Deployment, models: Sequence[str] | None = None) -> Member:
+        """Add (or replace) an endpoint; ``models=None`` discovers them now.
+
+        A failed discovery does not refuse the endpoint: its breaker says why it
+        is unhealthy, and the next :meth:`refresh` tries again.
+        """
+        old = self._members.pop(deployment.name, None)
+        if old is not None and old.deployment is not deployment:
+            await _close_quietly(old.deployment)
+        member = Member(deployment, CircuitBreaker(self.config.breaker, clock=self.clock))
+        self._members[deployment.name] = member
+        if models is None:
+            await self._discover(member)
+        else:
+            member.models = list(models)
+        return member
+
+    async def remove(self, name: str) -> bool:
+        """Forget an endpoint and close its client; streams running on it will fail."""
+        member = self._members.pop(name, None)
+        if member is None:
+            return False
+        for session in [s for s, n in self._sticky.items() if n == name]:
+            del self._sticky[session]
+        await _close_quietly(member.deployment)
+        return True
+
+    def member(self, name: str) -> Member | None:
+        return self._members.get(name)
+
+    def members(self) -> list[Member]:
+        return list(self._members.values())
+
+    # --- discovery ----------------------------------------------------------------------
+
+    async def refresh(self, name: str | None = None) -> dict[str, str | None]:
+        """Rediscover models (of one endpoint or all); returns name -> error or None."""
+        members = [self._members[name]] if name is not None else list(self._members.values())
+        errors = await asyncio.gather(*(self._discover(m) for m in members))
+        return {m.name: err for m, err in zip(members, errors, strict=True)}
+
+    async def _discover(self, member: Member) -> str | None:
+        try:
+            models = await member.deployment.list_models()
+        except InferenceError as exc:
+            member.breaker.record_failure(str(exc))
+            log.warning("model discovery failed: %s", exc)
+            return str(exc)
+        member.models = list(models)  # failures keep the last known list
+        if member.breaker.state is not BreakerState.OPEN:
+            member.breaker.record_success()
+        return None
+
+    def start(self) -> None:
+        """Start background rediscovery (``config.refresh_interval_s``)."""
+        if self.config.refresh_interval_s > 0 and self._refresh_task is None:
+            self._refresh_task = asyncio.create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("endpoint refresh failed")
+
+    async def aclose(self) -> None:
+        """Stop rediscovery and close every endpoint client."""
+        task, self._refresh_task = self._refresh_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for member in list(self._members.values()):
+            await _close_quietly(member.deployment)
+        self._members.clear()
+
+    # --- aliases ------------------------------------------------------------------------
+
+    def set_alias(self, alias: str, model: str) -> None:
+        self._aliases[alias] = model
+
+    def remove_alias(self, alias: str) -> None:
+        self._aliases.pop(alias, None)
+
+    def resolve(self, model: str) -> str:
+        seen: set[str] = set()
+        while model in self._aliases and model not in seen:
+            seen.add(model)
+            model = self._aliases[model]
+        return model
+
+    # --- listings -----------------------------------------------------------------------
+
+    def info(self, member: Member) -> EndpointInfo:
+        b = member.breaker
+        return EndpointInfo(
+            name=member.name,
+            url=member.deployment.base_url,
+            masked_key=member.deployment.masked_key(),
+            healthy=b.state is BreakerState.CLOSED,
+            state=str(b.state),
+            latency_ms=None if b.latency_s is None else round(b.latency_s * 1000, 1),
+            models=tuple(member.models),
+            last_error=b.last_error,
+            cooldown_remaining_s=round(b.cooldown_remaining(), 2),
+        )
+
+    # --- the plan -----------------------------------------------------------------------
+
+    def plan(self, model: str, session: str | None = None) -> list[str]:
+        """Endpoint names serving ``model`` in the order a request would try them.
+
+        Includes endpoints whose breaker is open: the request skips them and notes it.
+        """
+        model = self.resolve(model)
+        names = [n for n, m in self._members.items() if model in m.models]
+        if session is not None:
+            names.sort(key=lambda n: _rendezvous(session, n), reverse=True)
+        else:
+            names.sort(key=lambda n: (self._members[n].breaker.latency_s or 0.0, n))
+        sticky = self._sticky.get(session) if session is not None else None
+        if sticky in names:
+            names.remove(sticky)
+            names.insert(0, sticky)
+        return names
+
+    def remember(self, session: str | None, name: str) -> None:
+        """``session`` was served by endpoint ``name``: try it first next time."""
+        if session is None:
+            return
+        self._sticky[session] = name
+        self._sticky.move_to_end(session)
+        while len(self._sticky) > self.config.max_sticky_sessions:
+            self._sticky.popitem(last=False)
+
+    def sticky_endpoint(self, session: str) -> str | None:
+        return self._sticky.get(session)
+
+    def backoff(self, retry_no: int) -> float:
+        """Seconds to wait before retry number ``retry_no`` of an endpoint already tried."""
+        r = self.config.retry
+        base = min(r.backoff_max_s, r.backoff_s * (2 ** max(0, retry_no - 1)))
+        return max(0.0, base * (1 + random.uniform(-r.jitter, r.jitter)))
+
+
+def _rendezvous(session: str, name: str) -> int:
+    digest = hashlib.blake2b(f"{session}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+async def _close_quietly(deployment: Deployment) -> None:
+    try:
+        await deployment.aclose()
+    except Exception:
+        log.warning("closing endpoint %s failed", deployment.name)
