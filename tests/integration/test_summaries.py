@@ -1,6 +1,6 @@
 """Chapter summaries, rollback and room mode on real SQLite and real PostgreSQL.
 
-The stores and the prompt's history selection (ReplyService.chapter) run on a
+The stores and the prompt's history selection (ConversationHistory.chapter) run on a
 real database. The model is faked here (a scripted Backend: the boundary) so
 the summarizer's scheduling, failure and storage rules are tested exactly; the
 e2e test (tests/e2e/test_memory.py) runs the same path on the real model.
@@ -25,9 +25,10 @@ from hivebridge.inference.types import (
     InferenceError,
     SamplingParams,
 )
-from hivebridge.personas import PersonaDirectory
-from hivebridge.replies import ReplyService
-from hivebridge.summaries import Summarizer
+from hivebridge.personas.directory import PersonaDirectory
+from hivebridge.personas.history import ConversationHistory
+from hivebridge.personas.replies import ReplyService
+from hivebridge.personas.summaries import Summarizer
 
 ROOM = "!room:hs"
 HUMAN = "@alice:hs"
@@ -73,9 +74,9 @@ class ScriptedBackend:
 
 
 class NoMembers:
-    """The appservice's state store, as far as display names go: nobody is known."""
+    """The room members, as far as display names go: nobody is known."""
 
-    async def get_member(self, room_id: str, mxid: str) -> None:
+    async def displayname(self, room_id: str, mxid: str) -> None:
         return None
 
 
@@ -108,24 +109,36 @@ def msg(
     )
 
 
-async def setup(db_url: str, cfg: Config) -> tuple[Any, ReplyService, Summarizer]:
+async def setup(
+    db_url: str, cfg: Config
+) -> tuple[Any, ConversationHistory, ReplyService, Summarizer]:
     db = await open_database(db_url)
-    appservice = cast(Any, type("AS", (), {"state_store": NoMembers()})())
-    directory = PersonaDirectory(cfg, PersonaStore(db), appservice)
+    directory = PersonaDirectory(cfg, PersonaStore(db), cast(Any, None))
     directory.remember(PERSONA)
     summarizer = Summarizer(cfg, SummaryStore(db), words)
     backend = ScriptedBackend("Alice likes green tea.")
+    history = ConversationHistory(
+        cfg,
+        directory,
+        cast(Any, NoMembers()),
+        MessageStore(db),
+        RoomStore(db),
+        SummaryStore(db),
+        words,
+    )
     replies = ReplyService(
         cfg,
         directory,
-        MessageStore(db),
-        RoomStore(db),
+        history,
+        history.messages,
         cast(Any, None),
-        lambda p: backend,
-        words,
-        summarizer=summarizer,
+        cast(Any, None),
+        cast(Any, None),
+        summarizer,
+        backend_for=lambda p: backend,
+        model_name=lambda stats, default: default,
     )
-    return db, replies, summarizer
+    return db, history, replies, summarizer
 
 
 async def test_summary_store_round_trip_and_upsert(db_url: str) -> None:
@@ -167,13 +180,15 @@ async def test_rollback_flag_and_mode_are_stored(db_url: str) -> None:
 
 
 async def test_dropped_turns_become_the_chapter_summary(db_url: str) -> None:
-    db, replies, summarizer = await setup(db_url, config(min_dropped_turns=2, input_tokens=1000))
+    db, history, replies, summarizer = await setup(
+        db_url, config(min_dropped_turns=2, input_tokens=1000)
+    )
     try:
         for i in range(12):
-            await replies.messages.insert(msg(i, me=i % 2 == 1))
+            await history.messages.insert(msg(i, me=i % 2 == 1))
         new = msg(12)
-        await replies.messages.insert(new)
-        prompt, chapter = await replies.prompt_for(PERSONA, new, group=False)
+        await history.messages.insert(new)
+        prompt, chapter = await history.prompt_for(PERSONA, new, group=False)
         assert chapter.summary is None and prompt.turns_dropped >= 2
         replies._maybe_summarize(PERSONA, ROOM, prompt, chapter)
         assert summarizer.running(ROOM)
@@ -188,7 +203,7 @@ async def test_dropped_turns_become_the_chapter_summary(db_url: str) -> None:
         assert stored.up_to_event_id == covered.event_id
 
         # The next prompt: the summary in the system block, only later turns after it.
-        prompt2, chapter2 = await replies.prompt_for(PERSONA, new, group=False)
+        prompt2, chapter2 = await history.prompt_for(PERSONA, new, group=False)
         assert chapter2.summary is not None
         assert "Alice likes green tea." in prompt2.messages[0].content
         assert prompt2.summary_tokens > 0
@@ -196,8 +211,8 @@ async def test_dropped_turns_become_the_chapter_summary(db_url: str) -> None:
         assert prompt2.messages[-1].content == new.body
 
         # A !reset after the summarized turns forgets the summary too.
-        await replies.rooms.reset_context(ROOM, 1011)
-        _, chapter3 = await replies.prompt_for(PERSONA, new, group=False)
+        await history.rooms.reset_context(ROOM, 1011)
+        _, chapter3 = await history.prompt_for(PERSONA, new, group=False)
         assert chapter3.summary is None
         assert [t.event_id for t in chapter3.turns] == ["$e11", "$e12"]  # the new one too
     finally:
@@ -205,12 +220,12 @@ async def test_dropped_turns_become_the_chapter_summary(db_url: str) -> None:
 
 
 async def test_a_failed_summary_leaves_raw_history(db_url: str) -> None:
-    db, replies, summarizer = await setup(db_url, config(min_dropped_turns=1))
+    db, history, _replies, summarizer = await setup(db_url, config(min_dropped_turns=1))
     try:
         for i in range(6):
-            await replies.messages.insert(msg(i, me=i % 2 == 1))
+            await history.messages.insert(msg(i, me=i % 2 == 1))
         failing = ScriptedBackend(fail=True)
-        turns = (await replies.chapter(ROOM, None, PERSONA)).turns
+        turns = (await history.chapter(ROOM, None, PERSONA)).turns
         assert summarizer.schedule(failing, PERSONA, ROOM, "", turns[:2], None)
         await summarizer.wait_idle()
         empty = ScriptedBackend("   ")
@@ -218,15 +233,15 @@ async def test_a_failed_summary_leaves_raw_history(db_url: str) -> None:
         await summarizer.wait_idle()
         assert summarizer.failed == 2 and summarizer.written == 0
         assert await summarizer.store.get(ROOM) is None
-        assert len((await replies.chapter(ROOM, None, PERSONA)).turns) == 6
+        assert len((await history.chapter(ROOM, None, PERSONA)).turns) == 6
     finally:
         await db.stop()
 
 
 async def test_close_cancels_a_running_job(db_url: str) -> None:
-    db, replies, summarizer = await setup(db_url, config())
+    db, history, _replies, summarizer = await setup(db_url, config())
     try:
-        await replies.messages.insert(msg(0))
+        await history.messages.insert(msg(0))
         slow = ScriptedBackend("never")
         slow.gate = asyncio.Event()
         turn = Turn("$e00", HUMAN, "alice", False, "hi", 1000)
@@ -240,23 +255,23 @@ async def test_close_cancels_a_running_job(db_url: str) -> None:
 
 
 async def test_thread_mode_sees_the_thread_and_rollback_uses_the_flag(db_url: str) -> None:
-    db, replies, _ = await setup(db_url, config())
+    db, history, _, _ = await setup(db_url, config())
     try:
-        store = replies.messages
+        store = history.messages
         await store.insert(msg(0, body="root of the thread"))
         await store.insert(msg(1, me=True, body="main timeline answer"))
         await store.insert(msg(2, body="in the thread", thread="$e00"))
         await store.insert(msg(3, me=True, body="thread answer", thread="$e00"))
-        room = [t.event_id for t in (await replies.chapter(ROOM, "$e00", PERSONA)).turns]
+        room = [t.event_id for t in (await history.chapter(ROOM, "$e00", PERSONA)).turns]
         assert room == ["$e00", "$e01", "$e02", "$e03"]  # room mode: one conversation
-        await replies.rooms.set_mode(ROOM, "thread")
-        thread = await replies.chapter(ROOM, "$e00", PERSONA)
+        await history.rooms.set_mode(ROOM, "thread")
+        thread = await history.chapter(ROOM, "$e00", PERSONA)
         assert [t.event_id for t in thread.turns] == ["$e00", "$e02", "$e03"]
-        main = await replies.chapter(ROOM, None, PERSONA)
+        main = await history.chapter(ROOM, None, PERSONA)
         assert [t.event_id for t in main.turns] == ["$e00", "$e01"]
         # Rolled-back messages leave every prompt.
         await store.remove_from_context(["$e02", "$e03"])
-        thread = await replies.chapter(ROOM, "$e00", PERSONA)
+        thread = await history.chapter(ROOM, "$e00", PERSONA)
         assert [t.event_id for t in thread.turns] == ["$e00"]
     finally:
         await db.stop()
@@ -266,18 +281,19 @@ async def test_context_commands_on_stored_history(db_url: str) -> None:
     from hivebridge.commands.base import CommandContext, CommandTable
     from hivebridge.commands.context import ContextCommands
 
-    db, replies, summarizer = await setup(db_url, config())
+    db, history, _replies, summarizer = await setup(db_url, config())
     try:
         for i in range(4):
-            await replies.messages.insert(msg(i, me=i % 2 == 1))
+            await history.messages.insert(msg(i, me=i % 2 == 1))
         await summarizer.store.put(ROOM, "", "Alice likes tea.", 999, "$before")
         table = CommandTable()
 
-        async def members(room_id: str) -> list[str]:
-            return [HUMAN, PERSONA.mxid]
+        class Members:
+            async def joined(self, room_id: str) -> list[str]:
+                return [HUMAN, PERSONA.mxid]
 
         ContextCommands(
-            replies, replies.rooms, replies.messages, replies.personas, members
+            history, history.rooms, history.messages, history.personas, cast(Any, Members())
         ).register(table)
         answers: list[str] = []
 
@@ -296,7 +312,7 @@ async def test_context_commands_on_stored_history(db_url: str) -> None:
         assert (await run("!rollback 0")).startswith("Usage: !rollback")
         assert (await run("!rollback x y")).startswith("!rollback: too many arguments")
         assert (await run("!rollback")).startswith("Rolled back 1 exchange (2 messages)")
-        assert [m.event_id for m in await replies.messages.in_context(ROOM, 0, 10)] == [
+        assert [m.event_id for m in await history.messages.in_context(ROOM, 0, 10)] == [
             "$e00",
             "$e01",
         ]

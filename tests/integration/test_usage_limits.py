@@ -16,7 +16,7 @@ from hivebridge.config import ConfigError, LimitsConfig, load_config
 from hivebridge.db import open_database
 from hivebridge.db.messages import MessageStore, StoredMessage
 from hivebridge.db.usage import RateLimitStore, UsageRecord, UsageStore
-from hivebridge.limits import Limits
+from hivebridge.personas.limits import Limits
 
 OWNER = "@boss:x"
 NOON = datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp()

@@ -1,86 +1,18 @@
-"""Personas as Matrix users: registration through the appservice, profiles, intents.
+"""Spawn and despawn: a persona is born with a database row and an appservice intent.
 
-A persona is a row in the database plus an appservice intent; spawning one
-needs no admin API and no password, only ``ensure_registered`` in our
-exclusive namespace.
+Spawning needs no admin API and no password, only ``ensure_registered`` in our
+exclusive namespace; a failed step rolls back what was done before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 
-from mautrix.appservice import AppService, IntentAPI
-
-from .config import Config
-from .db.personas import Persona, PersonaStore
+from ..db.personas import Persona
+from .directory import PersonaDirectory
 
 log = logging.getLogger("hivebridge.personas")
-
-
-class PersonaDirectory:
-    """Cached view of the persona store, keyed by mxid, plus their intents."""
-
-    def __init__(self, config: Config, store: PersonaStore, appservice: AppService) -> None:
-        self.config = config
-        self.store = store
-        self.appservice = appservice
-        self._by_mxid: dict[str, Persona] = {}
-        prefix = re.escape(config.appservice.user_prefix)
-        self._namespace = re.compile(f"^@{prefix}.+:{re.escape(config.homeserver.domain)}$")
-
-    async def load(self) -> None:
-        self._by_mxid = {p.mxid: p for p in await self.store.all()}
-
-    @property
-    def bot_mxid(self) -> str:
-        return self.config.bot_mxid
-
-    def get(self, mxid: str) -> Persona | None:
-        return self._by_mxid.get(mxid)
-
-    def all(self) -> list[Persona]:
-        return sorted(self._by_mxid.values(), key=lambda p: p.name)
-
-    def is_ours(self, mxid: str) -> bool:
-        """A user of our namespace: the bot or any persona, spawned or not."""
-        return mxid == self.bot_mxid or bool(self._namespace.match(mxid))
-
-    def intent(self, persona: Persona) -> IntentAPI:
-        return self.appservice.intent.user(persona.mxid)  # type: ignore[arg-type]
-
-    def remember(self, persona: Persona) -> None:
-        self._by_mxid[persona.mxid] = persona
-
-    def forget(self, persona: Persona) -> None:
-        self._by_mxid.pop(persona.mxid, None)
-
-    async def ensure_default(self) -> Persona:
-        """The persona from config exists in the store and on the homeserver."""
-        cfg = self.config.default_persona
-        mxid = self.config.persona_mxid(cfg.name)
-        persona = await self.store.get(cfg.name)
-        if persona is None:
-            persona = Persona(
-                name=cfg.name,
-                mxid=mxid,
-                displayname=cfg.displayname,
-                system_prompt=cfg.system_prompt,
-                model=cfg.model,
-                created_by="config",
-            )
-            await self.store.insert(persona)
-        await self.ensure_on_homeserver(persona)
-        self.remember(persona)
-        return persona
-
-    async def ensure_on_homeserver(self, persona: Persona) -> None:
-        intent = self.intent(persona)
-        await intent.ensure_registered()
-        await intent.set_displayname(persona.displayname)
-        if persona.avatar_url:
-            await intent.set_avatar_url(persona.avatar_url)  # type: ignore[arg-type]
 
 
 class SpawnError(Exception):

@@ -1,0 +1,142 @@
+"""What a persona sees: the chapter of a conversation and the prompt built from it.
+
+A prompt is the persona's system prompt (plus the chapter summary), the turns
+of the current chapter within the token budget, and the new message. The same
+code serves replies and the commands that report on the next prompt
+(``!context``, ``!summary``, ``!rollback``), so what they show is what the
+model gets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Config
+from ..conversation import Prompt, Turn, apply_reset, build_prompt, select_turns
+from ..db.messages import MessageStore, StoredMessage
+from ..db.personas import Persona
+from ..db.rooms import RoomStore
+from ..db.summaries import ROOM, ChapterSummary, SummaryStore
+from ..matrix.content import is_edit
+from ..matrix.members import RoomMembers
+from .directory import PersonaDirectory
+
+#: Stored messages considered for a prompt before the token budget trims them.
+HISTORY_WINDOW = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Chapter:
+    """What a prompt's history is: the chapter summary (if any) and the turns after it."""
+
+    key: str  # summary key: '' for the room, the thread root in thread mode
+    summary: ChapterSummary | None
+    turns: list[Turn]  # oldest first, since the last !reset and after the summary
+
+
+class ConversationHistory:
+    """Reads stored messages, room settings and summaries into chapters and prompts."""
+
+    def __init__(
+        self,
+        config: Config,
+        personas: PersonaDirectory,
+        members: RoomMembers,
+        messages: MessageStore,
+        rooms: RoomStore,
+        summaries: SummaryStore,
+        count_tokens: Callable[[str], int],
+    ) -> None:
+        self.config = config
+        self.personas = personas
+        self.members = members
+        self.messages = messages
+        self.rooms = rooms
+        self.summaries = summaries
+        self.count_tokens = functools.lru_cache(maxsize=4096)(count_tokens)
+
+    async def prompt_for(
+        self, persona: Persona, msg: StoredMessage, *, group: bool
+    ) -> tuple[Prompt, Chapter]:
+        """The prompt for a reply to ``msg``, with the chapter it was built from."""
+        chapter = await self.chapter(msg.room_id, msg.thread_root, persona, before_ts=msg.ts)
+        return self._build(persona, chapter, await self._turn(persona, msg), group), chapter
+
+    async def next_prompt(
+        self, persona: Persona, room_id: str, thread_root: str | None, *, group: bool
+    ) -> tuple[Prompt, Chapter]:
+        """The prompt the next message would get, with an empty new message (!context)."""
+        chapter = await self.chapter(room_id, thread_root, persona)
+        empty = Turn("", "", "", False, "", 0, thread_root)
+        return self._build(persona, chapter, empty, group), chapter
+
+    def _build(self, persona: Persona, chapter: Chapter, new: Turn, group: bool) -> Prompt:
+        return build_prompt(
+            persona.system_prompt,
+            chapter.summary.summary if chapter.summary else None,
+            chapter.turns,
+            new,
+            is_group=group,
+            budget=self.config.inference.context_tokens,
+            count_tokens=self.count_tokens,
+        )
+
+    async def chapter(
+        self,
+        room_id: str,
+        thread_root: str | None,
+        persona: Persona | None,
+        *,
+        before_ts: int | None = None,
+    ) -> Chapter:
+        """The history a prompt sees, oldest first.
+
+        Stored messages still in the context (not rolled back), since the last
+        reset and after the chapter summary; in thread mode a message in a
+        thread sees that thread (and its root), one in the main timeline sees
+        the main timeline; in room mode the room is one conversation. The whole
+        chapter is returned, not a "last N" slice, so the prompt window stays
+        stable (see :mod:`hivebridge.conversation.context`). With ``persona``
+        None every persona's message is an assistant turn (for a rollback).
+        """
+        settings = await self.rooms.get(room_id)
+        threaded = settings.mode == "thread" and thread_root is not None
+        key = thread_root if threaded and thread_root else ROOM
+        summary = await self.summaries.get(room_id, key)
+        if summary is not None and not summary.valid_since(settings.context_since):
+            summary = None  # written before a reset: forgotten with the rest
+        since = max(settings.context_since, summary.up_to_ts if summary else 0)
+        turns: list[Turn] = []
+        for m in await self.messages.in_context(room_id, since, HISTORY_WINDOW):
+            if m.msgtype == "m.notice" or not m.body or is_edit(m.content):
+                continue
+            if before_ts is not None and m.ts > before_ts:
+                continue
+            if m.body.startswith(self.config.routing.command_prefix) and not m.persona:
+                continue  # commands are for the bot, not conversation
+            turns.append(await self._turn(persona, m))
+        if summary is not None:
+            turns = apply_reset(turns, summary.up_to_event_id)
+        if settings.mode == "thread":
+            turns = select_turns(turns, thread_root, "thread" if threaded else "room")
+        return Chapter(key, summary, turns)
+
+    async def _turn(self, persona: Persona | None, m: StoredMessage) -> Turn:
+        return Turn(
+            event_id=m.event_id,
+            sender_mxid=m.sender,
+            sender_name=await self._name_of(m.room_id, m.sender),
+            is_self=m.sender == persona.mxid if persona else m.persona is not None,
+            body=m.body,
+            ts=m.ts,
+            thread_root=m.thread_root,
+        )
+
+    async def _name_of(self, room_id: str, mxid: str) -> str:
+        persona = self.personas.get(mxid)
+        if persona is not None:
+            return persona.displayname
+        name = await self.members.displayname(room_id, mxid)
+        return name or mxid.split(":", 1)[0].lstrip("@")
