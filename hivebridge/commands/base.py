@@ -6,7 +6,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .parser import CommandError, CommandSpec, ParsedCommand, Role, format_help, parse, role_allows
+from ..permissions import Role, role_allows
+from .parser import CommandError, CommandSpec, ParsedCommand, format_help, parse
 
 log = logging.getLogger("hivebridge.commands")
 
@@ -22,6 +23,8 @@ class CommandContext:
     role: Role
     event_id: str
     reply: Reply
+    #: The configured command prefix, for every command a reply shows.
+    prefix: str = "!"
 
 
 Handler = Callable[[CommandContext, ParsedCommand], Awaitable[None]]
@@ -57,9 +60,9 @@ class CommandTable:
         if isinstance(parsed, CommandError):
             await ctx.reply(str(parsed))
             return True
-        if not role_allows(ctx.role, parsed.spec.min_role):
+        if not role_allows(ctx.role, parsed.min_role):
             await ctx.reply(
-                f"{self.prefix}{parsed.name} needs the {parsed.spec.min_role} role "
+                f"{self.prefix}{parsed.label} needs the {parsed.min_role} role "
                 f"(you are {ctx.role})."
             )
             return True
@@ -68,8 +71,8 @@ class CommandTable:
         except UserError as e:
             await ctx.reply(str(e))
         except Exception:
-            log.exception("command %s failed", parsed.name, extra={"room_id": ctx.room_id})
+            log.exception("command %s failed", parsed.label, extra={"room_id": ctx.room_id})
             await ctx.reply(
-                f"{self.prefix}{parsed.name} failed; the details are in the bridge log."
+                f"{self.prefix}{parsed.label} failed; the details are in the bridge log."
             )
         return True

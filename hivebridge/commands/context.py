@@ -1,22 +1,23 @@
 """Conversation memory controls: ``!context``, ``!summary``, ``!rollback``, ``!mode``.
 
 They show and steer what the next prompt holds, using the very code that
-builds prompts (:meth:`ReplyService.chapter` / :meth:`ReplyService.next_prompt`),
-so what they report is what the model gets. ``!rollback`` only flags messages
-out of the context: the room keeps its history, and the stored rows stay.
+builds prompts (:meth:`ConversationHistory.chapter` and
+:meth:`ConversationHistory.next_prompt`), so what they report is what the model
+gets. ``!rollback`` only flags messages out of the context: the room keeps its
+history, and the stored rows stay.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 from ..conversation import rollback
 from ..db.messages import MessageStore
 from ..db.personas import Persona
 from ..db.rooms import RoomStore
-from ..personas import PersonaDirectory
-from ..replies import ReplyService
+from ..matrix.members import RoomMembers
+from ..personas.directory import PersonaDirectory
+from ..personas.history import ConversationHistory
 from .base import CommandContext, CommandTable, UserError
 from .parser import CommandSpec, ParsedCommand, normalize_persona_name
 
@@ -24,25 +25,33 @@ MODES = ("room", "thread")
 #: More than this many exchanges at once is almost surely a typo.
 MAX_ROLLBACK = 50
 
-MODE_USAGE = "Usage: !mode room|thread"
-ROLLBACK_USAGE = f"Usage: !rollback [n] (n = exchanges to forget, 1-{MAX_ROLLBACK}; default 1)"
-CONTEXT_USAGE = "Usage: !context [persona]"
+
+def _mode_usage(prefix: str) -> str:
+    return f"Usage: {prefix}mode room|thread"
+
+
+def _rollback_usage(prefix: str) -> str:
+    return f"Usage: {prefix}rollback [n] (n = exchanges to forget, 1-{MAX_ROLLBACK}; default 1)"
+
+
+def _context_usage(prefix: str) -> str:
+    return f"Usage: {prefix}context [persona]"
 
 
 class ContextCommands:
     def __init__(
         self,
-        replies: ReplyService,
+        history: ConversationHistory,
         rooms: RoomStore,
         messages: MessageStore,
         personas: PersonaDirectory,
-        members_of: Callable[[str], Awaitable[list[str]]],
+        members: RoomMembers,
     ) -> None:
-        self.replies = replies
+        self.history = history
         self.rooms = rooms
         self.messages = messages
         self.personas = personas
-        self.members_of = members_of  # joined members of a room (state cache)
+        self.members = members
 
     def register(self, table: CommandTable) -> None:
         table.add(
@@ -83,9 +92,9 @@ class ContextCommands:
         return msg.thread_root if msg else None
 
     async def context(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        members = await self.members_of(ctx.room_id)
-        persona = self._persona(cmd.args.get("persona"), members)
-        prompt, chapter = await self.replies.next_prompt(
+        members = await self.members.joined(ctx.room_id)
+        persona = self._persona(ctx, cmd.args.get("persona"), members)
+        prompt, chapter = await self.history.next_prompt(
             persona, ctx.room_id, await self._thread_root(ctx), group=len(members) > 2
         )
         used = prompt.system_tokens + prompt.summary_tokens + prompt.turns_tokens
@@ -104,21 +113,21 @@ class ContextCommands:
             )
         await ctx.reply("\n".join(lines))
 
-    def _persona(self, raw: str | None, members: list[str]) -> Persona:
+    def _persona(self, ctx: CommandContext, raw: str | None, members: list[str]) -> Persona:
         if raw:
             check = normalize_persona_name(raw)
             mxid = self.personas.config.persona_mxid(check.name) if check.name else ""
             persona = self.personas.get(mxid)
             if persona is None:
-                raise UserError(f"No persona named {raw[:40]!r}. {CONTEXT_USAGE}")
+                raise UserError(f"No persona named {raw[:40]!r}. {_context_usage(ctx.prefix)}")
             return persona
         here = [p for m in members if (p := self.personas.get(m)) is not None]
         if not here:
-            raise UserError(f"No persona in this room. {CONTEXT_USAGE}")
+            raise UserError(f"No persona in this room. {_context_usage(ctx.prefix)}")
         return here[0]
 
     async def summary(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        chapter = await self.replies.chapter(ctx.room_id, await self._thread_root(ctx), None)
+        chapter = await self.history.chapter(ctx.room_id, await self._thread_root(ctx), None)
         if chapter.summary is None:
             await ctx.reply(
                 "No summary yet: the conversation here still fits the prompt "
@@ -134,9 +143,9 @@ class ContextCommands:
     async def rollback(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         raw = cmd.args.get("n", "1").strip()
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_ROLLBACK:
-            raise UserError(ROLLBACK_USAGE)
+            raise UserError(_rollback_usage(ctx.prefix))
         n = int(raw)
-        chapter = await self.replies.chapter(ctx.room_id, await self._thread_root(ctx), None)
+        chapter = await self.history.chapter(ctx.room_id, await self._thread_root(ctx), None)
         kept = rollback(chapter.turns, n)
         removed = chapter.turns[len(kept) :]
         if not removed:
@@ -155,11 +164,11 @@ class ContextCommands:
         raw = cmd.args.get("mode")
         if raw is None:
             settings = await self.rooms.get(ctx.room_id)
-            await ctx.reply(f"This room is in {settings.mode} mode. {MODE_USAGE}")
+            await ctx.reply(f"This room is in {settings.mode} mode. {_mode_usage(ctx.prefix)}")
             return
         mode = raw.strip().lower()
         if mode not in MODES:
-            raise UserError(MODE_USAGE)
+            raise UserError(_mode_usage(ctx.prefix))
         await self.rooms.set_mode(ctx.room_id, mode)
         if mode == "thread":
             text = "Thread mode: a message in a thread sees only that thread's history."

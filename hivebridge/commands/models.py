@@ -13,9 +13,10 @@ from .. import metrics
 from ..catalogue import ModelCatalogue
 from ..config import Config
 from ..db.endpoints import EndpointStore, StoredEndpoint
-from ..inference.router import EndpointInfo, InferenceRouter
+from ..inference.endpoints import EndpointInfo
+from ..inference.router import InferenceRouter
 from ..inference.types import ChatMessage, InferenceError, SamplingParams
-from ..limits import Limits
+from ..personas.limits import Limits
 from .base import CommandContext, CommandTable, UserError
 from .parser import CommandSpec, OptionSpec, ParsedCommand
 
@@ -147,7 +148,9 @@ class ModelCommands:
         ref = cmd.args["model"]
         name = self.catalogue.resolve(ref)
         if name is None:
-            raise UserError(f"No model {ref[:60]!r}; !models lists ids, names and aliases.")
+            raise UserError(
+                f"No model {ref[:60]!r}; {ctx.prefix}models lists ids, names and aliases."
+            )
         verdict = await self.limits.check(ctx.sender, ctx.room_id)
         if not verdict.allowed:
             metrics.ROUTING_RATE_LIMITED.labels(
@@ -268,7 +271,7 @@ class ModelCommands:
         removed = await self.router.remove_endpoint(name)
         stored = await self.endpoints.remove(name)
         if not removed and not stored:
-            raise UserError(f"No endpoint named {name[:40]!r}; !endpoints lists them.")
+            raise UserError(f"No endpoint named {name[:40]!r}; {ctx.prefix}endpoints lists them.")
         note = (
             " (it is in the config file, so it returns at restart)"
             if (name in self.config_endpoints)
@@ -279,7 +282,9 @@ class ModelCommands:
     async def list_endpoints(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         infos = self.router.endpoints()
         if not infos:
-            await ctx.reply("No endpoints; !add_endpoint <name> <url> [api_key] adds one.")
+            await ctx.reply(
+                f"No endpoints; {ctx.prefix}add_endpoint <name> <url> [api_key] adds one."
+            )
             return
         await ctx.reply("Endpoints:\n" + "\n".join(self._endpoint_line(i) for i in infos))
 
@@ -304,20 +309,20 @@ class ModelCommands:
         try:
             model_id, name = await self.catalogue.set_alias(alias, cmd.args["model"], ctx.sender)
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise UserError(f"{e} {ctx.prefix}models lists the ids.") from None
         await ctx.reply(f"Alias {alias} → {model_id}. {name}")
 
     async def aliases(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         rows = self.catalogue.aliases()
         if not rows:
-            await ctx.reply("No aliases; !alias <alias> <model_id> makes one.")
+            await ctx.reply(f"No aliases; {ctx.prefix}alias <alias> <model_id> makes one.")
             return
         await ctx.reply("Aliases:\n" + "\n".join(f"{a} → {i}. {n}" for a, i, n in rows))
 
     async def rm_alias(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         alias = cmd.args["alias"]
         if not await self.catalogue.remove_alias(alias):
-            raise UserError(f"No alias {alias[:40]!r}; !aliases lists them.")
+            raise UserError(f"No alias {alias[:40]!r}; {ctx.prefix}aliases lists them.")
         await ctx.reply(f"Alias {alias} removed.")
 
 

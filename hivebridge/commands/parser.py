@@ -34,10 +34,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hivebridge.routing.dispatch import strip_reply_fallback
+from ..matrix.content import strip_reply_fallback
+from ..permissions import ROLES, Role, role_allows
 
 __all__ = [
-    "ROLES",
+    "ActionSpec",
     "CommandError",
     "CommandSpec",
     "FlagSpec",
@@ -45,17 +46,13 @@ __all__ = [
     "OptionSpec",
     "ParamSpec",
     "ParsedCommand",
-    "Role",
     "Value",
     "format_help",
     "normalize_persona_name",
     "parse",
-    "role_allows",
     "tokenize",
 ]
 
-Role = Literal["user", "trusted", "owner"]
-ROLES: tuple[Role, ...] = ("user", "trusted", "owner")
 Value = str | int | float | bool
 Kind = Literal["str", "int", "float", "bool"]
 
@@ -67,11 +64,6 @@ _INT_RE = re.compile(r"[+-]?[0-9]{1,18}")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
 _TRUE = frozenset({"1", "true", "yes", "on", "y"})
 _FALSE = frozenset({"0", "false", "no", "off", "n"})
-
-
-def role_allows(role: Role, min_role: Role) -> bool:
-    """Whether someone with ``role`` may run a command needing ``min_role``."""
-    return ROLES.index(role) >= ROLES.index(min_role)
 
 
 class _ArgError(Exception):
@@ -157,8 +149,31 @@ ParamSpec = OptionSpec
 
 
 @dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """A sub-action of a command (``persona spawn``): its own usage, help and minimum role.
+
+    ``usage`` omits the prefix and includes the command ("persona spawn <name> …").
+    """
+
+    name: str
+    usage: str
+    help: str
+    min_role: Role = "user"
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.fullmatch(self.name) or self.name != self.name.lower():
+            raise ValueError(f"action names must be lowercase [a-z0-9_-]: {self.name!r}")
+        if self.min_role not in ROLES:
+            raise ValueError(f"unknown role {self.min_role!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class CommandSpec:
-    """One command. ``usage`` omits the prefix ("ask <model> <prompt...>")."""
+    """One command. ``usage`` omits the prefix ("ask <model> <prompt...>").
+
+    With ``actions`` the first positional names a sub-action; each action carries its
+    own minimum role, so ``!persona list`` is for everyone and ``!persona spawn`` is not.
+    """
 
     name: str
     usage: str
@@ -171,6 +186,7 @@ class CommandSpec:
     flags: tuple[OptionSpec, ...] = ()
     params: tuple[OptionSpec, ...] = ()
     aliases: tuple[str, ...] = ()
+    actions: tuple[ActionSpec, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (self.name, *self.aliases):
@@ -178,6 +194,12 @@ class CommandSpec:
                 raise ValueError(f"command names must be lowercase [a-z0-9_-]: {name!r}")
         if self.min_role not in ROLES:
             raise ValueError(f"unknown role {self.min_role!r}")
+        if self.actions and not (self.args or self.optional_args):
+            raise ValueError(f"{self.name}: actions need a first positional to name them")
+
+    def action(self, name: str) -> ActionSpec | None:
+        key = name.lower()
+        return next((a for a in self.actions if a.name == key), None)
 
     def flag(self, name: str) -> tuple[OptionSpec, bool] | None:
         """The option a ``--name`` refers to, and whether it is a param."""
@@ -204,6 +226,17 @@ class ParsedCommand:
     flags: Mapping[str, Value] = field(default_factory=dict)
     params: Mapping[str, Value] = field(default_factory=dict)
     invoked_as: str = ""
+    action: ActionSpec | None = None
+
+    @property
+    def min_role(self) -> Role:
+        """The role this invocation needs: its action's, else the command's."""
+        return self.action.min_role if self.action is not None else self.spec.min_role
+
+    @property
+    def label(self) -> str:
+        """``persona spawn`` or ``ask``: what was run, without the prefix."""
+        return f"{self.name} {self.action.name}" if self.action is not None else self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +416,15 @@ def _parse_args(spec: CommandSpec, text: str, typed: str) -> ParsedCommand:
         if spec.rest_required and not rest:
             raise _ArgError(f"missing <{spec.rest}>")
     names = spec.args + spec.optional_args
+    action: ActionSpec | None = None
+    if spec.actions:
+        known = ", ".join(a.name for a in spec.actions)
+        if not positionals:
+            raise _ArgError(f"say what to do: {known}")
+        action = spec.action(positionals[0])
+        if action is None:
+            raise _ArgError(f"unknown action '{_show(positionals[0])}' ({known})")
+        positionals[0] = action.name
     return ParsedCommand(
         name=spec.name,
         spec=spec,
@@ -391,6 +433,7 @@ def _parse_args(spec: CommandSpec, text: str, typed: str) -> ParsedCommand:
         flags=flags,
         params=params,
         invoked_as=typed,
+        action=action,
     )
 
 
@@ -473,13 +516,16 @@ def format_help(
     prefix: str = "!",
     role: Role | None = None,
 ) -> str:
-    """One line per command the ``role`` may run (all when ``role`` is None)."""
+    """One line per command (or sub-action) the ``role`` may run (all when ``role`` is None)."""
     items = specs.values() if isinstance(specs, Mapping) else specs
-    lines = [
-        f"{prefix}{spec.usage} — {spec.help}"
-        for spec in items
-        if role is None or role_allows(role, spec.min_role)
-    ]
+    lines: list[str] = []
+    for spec in items:
+        entries = spec.actions or (spec,)
+        lines.extend(
+            f"{prefix}{entry.usage} — {entry.help}"
+            for entry in entries
+            if role is None or role_allows(role, entry.min_role)
+        )
     return "\n".join(lines)
 
 

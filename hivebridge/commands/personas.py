@@ -7,9 +7,10 @@ import re
 import time
 
 from ..db.personas import Persona
-from ..personas import PersonaDirectory, PersonaLifecycle, SpawnError
+from ..personas.directory import PersonaDirectory
+from ..personas.lifecycle import PersonaLifecycle, SpawnError
 from .base import CommandContext, CommandTable, UserError
-from .parser import CommandSpec, OptionSpec, ParsedCommand, normalize_persona_name
+from .parser import ActionSpec, CommandSpec, OptionSpec, ParsedCommand, normalize_persona_name
 
 _MXC = re.compile(r"^mxc://[^/\s]+/[^/\s]+$")
 # Room ids of room version 12 have no server part (MSC4291).
@@ -23,11 +24,14 @@ class PersonaCommands:
         self.lifecycle = lifecycle
 
     def register(self, table: CommandTable) -> None:
+        spawn_usage = (
+            'persona spawn <name> [--display "Name"] [--prompt "…"] [--model X] [--room <room>]'
+        )
         table.add(
             CommandSpec(
                 name="persona",
                 usage="persona spawn|despawn|list|show|set|invite …",
-                help="manage personas (spawn/despawn/set/invite need trusted)",
+                help="manage personas",
                 optional_args=("action", "name", "field"),
                 rest="value",
                 flags=(
@@ -36,14 +40,27 @@ class PersonaCommands:
                     OptionSpec("model", help="model id, alias or name"),
                     OptionSpec("room", help="room id or alias to join"),
                 ),
+                actions=(
+                    ActionSpec("spawn", spawn_usage, "a new persona, in a room", "trusted"),
+                    ActionSpec("despawn", "persona despawn <name>", "remove a persona", "trusted"),
+                    ActionSpec("list", "persona list", "the personas"),
+                    ActionSpec("show", "persona show <name>", "one persona's settings"),
+                    ActionSpec(
+                        "set",
+                        f"persona set <name> {'|'.join(SETTABLE)} <value>",
+                        "change a persona",
+                        "trusted",
+                    ),
+                    ActionSpec(
+                        "invite", "persona invite <name> <room>", "bring it into a room", "trusted"
+                    ),
+                ),
             ),
             self.run,
         )
 
     async def run(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        action = (cmd.args.get("action") or "").lower()
-        if action in ("spawn", "despawn", "set", "invite") and ctx.role == "user":
-            raise UserError(f"!persona {action} needs the trusted role (you are user).")
+        assert cmd.action is not None  # the parser insists on one
         handler = {
             "spawn": self.spawn,
             "despawn": self.despawn,
@@ -51,29 +68,23 @@ class PersonaCommands:
             "show": self.show,
             "set": self.set,
             "invite": self.invite,
-        }.get(action)
-        if handler is None:
-            raise UserError(
-                'Usage: !persona spawn <name> [--display "Name"] [--prompt "…"] '
-                "[--model X] [--room <room>] | despawn <name> | list | show <name> | "
-                "set <name> prompt|model|display|traits|avatar <value> | invite <name> <room>"
-            )
+        }[cmd.action.name]
         await handler(ctx, cmd)
 
-    def _name(self, cmd: ParsedCommand) -> str:
+    def _name(self, ctx: CommandContext, cmd: ParsedCommand) -> str:
         raw = cmd.args.get("name")
         if not raw:
-            raise UserError("Give a persona name, e.g. !persona show ada")
+            raise UserError(f"Give a persona name, e.g. {ctx.prefix}persona show ada")
         check = normalize_persona_name(raw)
         if check.name is None:
             raise UserError(check.error or "Bad persona name.")
         return check.name
 
-    def _persona(self, cmd: ParsedCommand) -> Persona:
-        name = self._name(cmd)
+    def _persona(self, ctx: CommandContext, cmd: ParsedCommand) -> Persona:
+        name = self._name(ctx, cmd)
         persona = self.directory.get(self.directory.config.persona_mxid(name))
         if persona is None:
-            raise UserError(f"No persona named {name!r}; !persona list shows them.")
+            raise UserError(f"No persona named {name!r}; {ctx.prefix}persona list shows them.")
         return persona
 
     async def _room(self, raw: str) -> str:
@@ -88,7 +99,7 @@ class PersonaCommands:
         return raw
 
     async def spawn(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        name = self._name(cmd)
+        name = self._name(ctx, cmd)
         if cmd.rest:
             raise UserError(f"Unexpected text {cmd.rest[:40]!r}; quote values with spaces.")
         if self.directory.get(self.directory.config.persona_mxid(name)) or name == "bot":
@@ -114,14 +125,14 @@ class PersonaCommands:
         )
 
     async def despawn(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        persona = self._persona(cmd)
+        persona = self._persona(ctx, cmd)
         rooms = await self.lifecycle.despawn(persona)
         await ctx.reply(f"Despawned {persona.name}; it left {len(rooms)} room(s).")
 
     async def list(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         personas = self.directory.all()
         if not personas:
-            await ctx.reply("No personas yet; !persona spawn <name> makes one.")
+            await ctx.reply(f"No personas yet; {ctx.prefix}persona spawn <name> makes one.")
             return
         lines = [
             f"{p.name} — {p.displayname} ({p.mxid}), model {p.model or 'default'}" for p in personas
@@ -129,7 +140,7 @@ class PersonaCommands:
         await ctx.reply("Personas:\n" + "\n".join(lines))
 
     async def show(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        p = self._persona(cmd)
+        p = self._persona(ctx, cmd)
         rooms = await self.directory.store.rooms_of(p.name)
         await ctx.reply(
             f"{p.displayname} ({p.mxid})\nmodel: {p.model or 'default'}\n"
@@ -139,11 +150,11 @@ class PersonaCommands:
         )
 
     async def set(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        p = self._persona(cmd)
+        p = self._persona(ctx, cmd)
         field = (cmd.args.get("field") or "").lower()
         value = (cmd.rest or "").strip()
         if field not in SETTABLE or not value:
-            raise UserError("Usage: !persona set <name> prompt|model|display|traits|avatar <value>")
+            raise UserError(f"Usage: {ctx.prefix}{cmd.action.usage if cmd.action else ''}")
         intent = self.directory.intent(p)
         if field == "prompt":
             p = _replace(p, system_prompt=value)
@@ -170,10 +181,10 @@ class PersonaCommands:
         await ctx.reply(f"Set {field} of {p.name}.")
 
     async def invite(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        p = self._persona(cmd)
+        p = self._persona(ctx, cmd)
         raw = cmd.args.get("field") or (cmd.rest or "").strip()
         if not raw:
-            raise UserError("Usage: !persona invite <name> <room id or alias>")
+            raise UserError(f"Usage: {ctx.prefix}persona invite <name> <room id or alias>")
         room_id = await self._room(raw)
         try:
             await self.lifecycle.invite(p, room_id)

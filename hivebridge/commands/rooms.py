@@ -1,4 +1,4 @@
-"""Per-room controls (``!start``, ``!stop``, ``!reset``) and ``!help``."""
+"""Per-room controls: ``!start``, ``!stop``, ``!reset``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from .parser import CommandSpec, ParsedCommand
 
 
 class RoomCommands:
-    def __init__(
-        self, rooms: RoomStore, table: CommandTable, on_change: Callable[[str], None]
-    ) -> None:
+    def __init__(self, rooms: RoomStore, on_change: Callable[[str], None]) -> None:
         self.rooms = rooms
-        self.table = table
         self._on_change = on_change  # drops cached loop state of the room
 
     def register(self, table: CommandTable) -> None:
@@ -28,7 +25,6 @@ class RoomCommands:
             CommandSpec("reset", "reset", "the conversation context here starts fresh from now"),
             self.reset,
         )
-        table.add(CommandSpec("help", "help", "list the commands you may use"), self.help)
 
     async def start(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         await self.rooms.set_active(ctx.room_id, True)
@@ -38,12 +34,9 @@ class RoomCommands:
     async def stop(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         await self.rooms.set_active(ctx.room_id, False)
         self._on_change(ctx.room_id)
-        await ctx.reply("Personas are silent in this room until !start.")
+        await ctx.reply(f"Personas are silent in this room until {ctx.prefix}start.")
 
     async def reset(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         await self.rooms.reset_context(ctx.room_id, int(time.time() * 1000))
         self._on_change(ctx.room_id)
         await ctx.reply("Context reset: personas here start fresh from now (history is kept).")
-
-    async def help(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        await ctx.reply(f"Commands for you ({ctx.role}):\n" + self.table.help_for(ctx.role))

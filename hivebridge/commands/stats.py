@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from ..db.usage import Tally, UsageStore
-from ..routing.rate_limit import utc_day
+from ..utc import utc_day
 from .base import CommandContext, CommandTable
 from .parser import CommandSpec, ParsedCommand
 
@@ -32,7 +32,7 @@ class StatsCommands:
             f"Usage (total / today, UTC {day}):",
             f"messages: {r.messages} / {r.messages_today}",
             f"persona replies: {r.replies} / {r.replies_today}",
-            f"!ask answers: {r.asks} / {r.asks_today}",
+            f"{ctx.prefix}ask answers: {r.asks} / {r.asks_today}",
             f"tokens: {r.tokens} / {r.tokens_today}",
         ]
         for title, tallies in (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..roles import Roles
+from ..permissions import Roles
 from .base import CommandContext, CommandTable, UserError
 from .parser import CommandSpec, ParsedCommand
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hivebridge.commands import (
+from hivebridge.commands.parser import (
     CommandError,
     CommandSpec,
     OptionSpec,
@@ -16,9 +16,9 @@ from hivebridge.commands import (
     format_help,
     normalize_persona_name,
     parse,
-    role_allows,
     tokenize,
 )
+from hivebridge.permissions import role_allows
 
 ASK = CommandSpec(
     name="ask",

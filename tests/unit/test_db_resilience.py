@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from hivebridge.db.resilience import is_connection_lost, retry_when_lost
-from hivebridge.events import HandledMarks
+from hivebridge.handler.handled import HandledMarks
 
 LOST = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 

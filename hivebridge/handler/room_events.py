@@ -1,0 +1,118 @@
+"""Every routed event, in room order: one consumer per room, rooms in parallel.
+
+Intake hands each event over (with its stored row when it is a message);
+membership events go to :class:`MembershipHandler`, messages to
+:class:`MessageHandler`. A message is marked handled once its routing
+finished; routing that lost its database connection is redone as resumed, so
+a persona whose reply job was written answers through it, never twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mautrix.types import Event, EventType, StateEvent
+
+from ..db.messages import StoredMessage
+from ..db.resilience import is_connection_lost, retry_when_lost
+from ..matrix.members import RoomMembers
+from ..matrix.room_queues import RoomQueues
+from .handled import HandledMarks
+from .membership import MembershipHandler
+from .messages import MessageHandler
+
+log = logging.getLogger("hivebridge.handler")
+
+#: Pauses before handling an event again after the database connection was lost;
+#: the room waits meanwhile, so its order holds.
+DB_RETRY_DELAYS_S = (0.25, 1.0, 3.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomWork:
+    """One unit of ordered work for a room: a state event or a stored message."""
+
+    event: Event | None = None
+    message: StoredMessage | None = None
+    #: Queued at start (unhandled, or with a pending reply job), not by intake.
+    resumed: bool = False
+
+
+class RoomEventHandler:
+    def __init__(
+        self,
+        members: RoomMembers,
+        membership: MembershipHandler,
+        messages: MessageHandler,
+        handled: HandledMarks,
+    ) -> None:
+        self.members = members
+        self.membership = membership
+        self.messages = messages
+        self.handled = handled
+        self.queues: RoomQueues[RoomWork] = RoomQueues(self._handle)
+
+    # Intake side ----------------------------------------------------------------------
+
+    def on_event(self, event: Event, stored: StoredMessage | None) -> None:
+        room_id = str(getattr(event, "room_id", "") or "")
+        if not room_id:
+            return
+        if event.type == EventType.ROOM_MEMBER:
+            self.members.forget(room_id)
+            self.queues.push(room_id, RoomWork(event=event))
+        elif stored is not None:
+            self.queues.push(room_id, RoomWork(message=stored))
+
+    def resume(self, message: StoredMessage) -> None:
+        """Queue a stored message whose routing or reply never finished (after a crash)."""
+        self.queues.push(message.room_id, RoomWork(message=message, resumed=True))
+
+    def forget_room(self, room_id: str) -> None:
+        """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""
+        self.messages.forget_room(room_id)
+
+    async def _handle(self, room_id: str, work: RoomWork) -> None:
+        if isinstance(work.event, StateEvent):
+            event = work.event
+            await retry_when_lost(
+                lambda _again: self.membership.on_member(room_id, event),
+                DB_RETRY_DELAYS_S,
+                what="routing",
+                extra={"room_id": room_id},
+            )
+        elif work.message is not None:
+            msg = work.message
+            try:
+                # Again after a lost connection means resumed: a persona whose reply job
+                # was written answers through it, so none answers twice.
+                await retry_when_lost(
+                    lambda again: self.messages.on_message(
+                        room_id, msg, resumed=work.resumed or again
+                    ),
+                    DB_RETRY_DELAYS_S,
+                    what="routing",
+                    extra={"room_id": room_id},
+                )
+            except Exception as e:
+                if is_connection_lost(e):
+                    # Not marked handled: the next start resumes it.
+                    log.warning(
+                        "database unavailable; message %s left for the next start",
+                        msg.event_id,
+                        extra={"room_id": room_id},
+                    )
+                    return
+                self.handled.add(msg.event_id)
+                raise
+            self.handled.add(msg.event_id)
+
+    async def drain(self) -> None:
+        """Wait until everything queued is handled and marked so in the database."""
+        await self.queues.drain()
+        await self.handled.flush()
+
+    async def close(self) -> None:
+        await self.queues.close()
+        await self.handled.flush()
