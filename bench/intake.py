@@ -14,6 +14,7 @@ import json
 import secrets
 import sys
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +23,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mautrix.appservice.state_store.asyncpg import PgASStateStore
-
-from hivebridge.commands.base import CommandTable
-from hivebridge.config import Config, HomeserverConfig
-from hivebridge.db import open_database
-from hivebridge.db.messages import MessageStore
-from hivebridge.db.personas import PersonaStore
-from hivebridge.db.rooms import RoomStore
-from hivebridge.db.trust import TrustStore
-from hivebridge.db.txns import TxnStore
-from hivebridge.devserver.synapse import free_port
-from hivebridge.events import EventRouter
-from hivebridge.matrix.intake import Intake
-from hivebridge.matrix.sender import Sender
-from hivebridge.personas import PersonaDirectory
-from hivebridge.replies import ReplyService
-from hivebridge.roles import Roles
+from hivebridge.app import build
+from hivebridge.config import AppserviceConfig, Config, DatabaseConfig, HomeserverConfig
+from hivebridge.devserver.process import free_port
 
 PG_SERVER = "postgres://postgres@127.0.0.1:5432/postgres"
 HS_TOKEN = "bench-hs-token-0123456789"
@@ -68,51 +55,18 @@ def transaction(txn: int, per_txn: int, rooms: int) -> dict[str, Any]:
 async def run(
     db_url: str, label: str, txns: int, per_txn: int, rooms: int, conc: int
 ) -> dict[str, Any]:
-    config = Config(homeserver=HomeserverConfig(address="http://127.0.0.1:9", domain="bench.test"))
-    db = await open_database(db_url)
-    state_store = PgASStateStore(db)
-    await state_store.upgrade_table.upgrade(db)
-    messages = MessageStore(db)
-    router: EventRouter | None = None
-
-    def on_event(event: Any, stored: Any) -> None:
-        assert router is not None
-        router.on_event(event, stored)
-
-    intake = Intake(
-        messages=messages,
-        txns=TxnStore(db),
-        on_event=on_event,
-        is_own_user=lambda mxid: mxid.startswith("@hive_"),
-        server=config.homeserver.address,
-        domain=config.homeserver.domain,
-        as_token="bench-as-token-0123456789",
-        hs_token=HS_TOKEN,
-        bot_localpart=config.appservice.bot_localpart,
-        id="hivebridge",
-        state_store=state_store,
+    config = Config(
+        homeserver=HomeserverConfig(address="http://127.0.0.1:9", domain="bench.test"),
+        appservice=AppserviceConfig(as_token="bench-as-token-0123456789", hs_token=HS_TOKEN),
+        database=DatabaseConfig(url=db_url),
     )
-    personas = PersonaDirectory(config, PersonaStore(db), intake)
-    rooms_store = RoomStore(db)
-    sender = Sender(messages)
-
-    def no_backend(_: Any) -> Any:
-        raise RuntimeError("no persona should answer in the intake benchmark")
-
-    replies = ReplyService(config, personas, messages, rooms_store, sender, no_backend, len)
-    router = EventRouter(
-        config,
-        intake,
-        personas,
-        messages,
-        rooms_store,
-        Roles(config.permissions, TrustStore(db)),
-        CommandTable(),
-        sender,
-        replies,
-    )
+    stack = AsyncExitStack()
+    # The bridge's own graph, nothing started but the database: no model is loaded,
+    # and no persona is in the rooms, so routing never asks one.
+    parts = await build(config, Path("/nonexistent"), stack)
+    intake, messages, handler = parts.intake, parts.messages, parts.handler
     port = free_port()
-    await intake.start("127.0.0.1", port)
+    await intake.start("127.0.0.1", port, sink=handler.on_event)
     url = f"http://127.0.0.1:{port}/_matrix/app/v1/transactions/"
     bodies = [transaction(t, per_txn, rooms) for t in range(txns)]
     sem = asyncio.Semaphore(conc)
@@ -126,7 +80,7 @@ async def run(
             started = time.perf_counter()
             await asyncio.gather(*(push(t) for t in range(txns)))
             received = time.perf_counter() - started
-            await router.drain()
+            await handler.drain()
             routed = time.perf_counter() - started
         total = txns * per_txn
         stored = await messages.count()
@@ -144,9 +98,9 @@ async def run(
             "seconds": round(routed, 3),
         }
     finally:
-        await router.close()
+        await handler.close()
         await intake.stop()
-        await db.stop()
+        await stack.aclose()
 
 
 async def main() -> None:

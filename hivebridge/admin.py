@@ -24,8 +24,8 @@ from .catalogue import ModelCatalogue, ModelEntry
 from .db.usage import Tally, UsageStore
 from .inference.local.engine import LocalEngine
 from .inference.types import Backend
-from .personas import PersonaDirectory
-from .routing.rate_limit import utc_day
+from .personas.directory import PersonaDirectory
+from .utc import utc_day
 from .web import AdminError
 
 log = logging.getLogger("hivebridge.admin")
@@ -49,7 +49,7 @@ class BridgeAdmin:
         self,
         *,
         db: Database,
-        intent: IntentAPI,
+        intent_of: Callable[[], IntentAPI],
         catalogue: ModelCatalogue,
         personas: PersonaDirectory,
         usage: UsageStore,
@@ -58,7 +58,7 @@ class BridgeAdmin:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
-        self.intent = intent
+        self.intent_of = intent_of  # the bot's intent exists once the appservice started
         self.catalogue = catalogue
         self.personas = personas
         self.usage = usage
@@ -77,7 +77,7 @@ class BridgeAdmin:
     async def check_homeserver(self) -> bool:
         """The homeserver answers ``GET /_matrix/client/versions`` (uncached)."""
         async with asyncio.timeout(CHECK_TIMEOUT_S):
-            versions = await self.intent.versions(no_cache=True)
+            versions = await self.intent_of().versions(no_cache=True)
         return bool(versions.versions)
 
     async def models_ready(self) -> bool:

@@ -1,11 +1,21 @@
-"""The composition root: the only place that knows every part and wires them."""
+"""The composition root: build the object graph first, start it second.
+
+:func:`build` wires every part in dependency order (database and stores,
+appservice intake, inference, persona services, commands, the event handler)
+and starts nothing but the database the stores need. :meth:`Bridge.start`
+then loads models, listens, resumes unfinished work and tells the homeserver.
+Every resource is registered on one ``AsyncExitStack``, so stopping is the
+stack unwinding: it works after a failed or partial start too.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
-from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
@@ -16,6 +26,7 @@ from .admin import BridgeAdmin, engine_loads
 from .catalogue import ModelCatalogue, local_model_name, scan_local_models
 from .commands.base import CommandTable
 from .commands.context import ContextCommands
+from .commands.meta import MetaCommands
 from .commands.models import ModelCommands, resolve_key
 from .commands.personas import PersonaCommands
 from .commands.rooms import RoomCommands
@@ -33,23 +44,33 @@ from .db.summaries import SummaryStore
 from .db.trust import TrustStore
 from .db.txns import TxnStore
 from .db.usage import RateLimitStore, UsageStore
-from .events import EventRouter
+from .handler.handled import HandledMarks
+from .handler.membership import MembershipHandler
+from .handler.messages import MessageHandler
+from .handler.room_events import RoomEventHandler
 from .inference.bundled import bundled_model_path
+from .inference.hooks import InferenceHooks
 from .inference.local.engine import LocalEngine
 from .inference.local.settings import EngineSettings
 from .inference.router import InferenceRouter
-from .inference.types import Backend, GenerationStats
-from .limits import Limits
+from .inference.types import Backend
 from .matrix.intake import Intake
+from .matrix.members import RoomMembers
 from .matrix.sender import Sender
-from .personas import PersonaDirectory, PersonaLifecycle
+from .permissions import Roles
+from .personas.directory import PersonaDirectory, namespace_matcher
+from .personas.history import ConversationHistory
+from .personas.lifecycle import PersonaLifecycle
+from .personas.limits import Limits
+from .personas.replies import ReplyService
+from .personas.summaries import Summarizer
 from .registration import load_tokens
-from .replies import ReplyService
-from .roles import Roles
-from .summaries import Summarizer
 from .web import WebServer
 
 log = logging.getLogger("hivebridge")
+
+#: Exit status of a start that failed (a bad config exits 2, from the command line).
+EXIT_START_FAILED = 1
 
 
 def resolve_model_path(config: Config) -> Path:
@@ -76,93 +97,218 @@ def engine_settings(config: Config) -> EngineSettings:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """Every part of a bridge, wired; only the database is open."""
+
+    config: Config
+    db: Database
+    messages: MessageStore
+    rooms: RoomStore
+    jobs: ReplyJobStore
+    usage: UsageStore
+    endpoints: EndpointStore
+    intake: Intake
+    members: RoomMembers
+    local: LocalEngine
+    local_name: str
+    inference: InferenceRouter
+    catalogue: ModelCatalogue
+    personas: PersonaDirectory
+    lifecycle: PersonaLifecycle
+    roles: Roles
+    limits: Limits
+    summarizer: Summarizer
+    history: ConversationHistory
+    replies: ReplyService
+    commands: CommandTable
+    handler: RoomEventHandler
+    admin: BridgeAdmin
+
+
+async def build(config: Config, registration_path: Path, stack: AsyncExitStack) -> Parts:
+    """Wire the bridge in dependency order; opens (and registers) the database only."""
+    as_token, hs_token = load_tokens(config, registration_path)
+    model_path = resolve_model_path(config)
+    local_name = local_model_name(model_path)
+    fallback = config.inference.fallback_model
+    if fallback and fallback != local_name:
+        raise ConfigError(
+            "inference.fallback_model", f"only the loaded local model ({local_name}) can be it"
+        )
+    db = await open_database(config.database_url())
+    stack.push_async_callback(db.stop)
+    state_store = PgASStateStore(db)
+    await state_store.upgrade_table.upgrade(db)
+
+    messages, rooms, jobs = MessageStore(db), RoomStore(db), ReplyJobStore(db)
+    usage, endpoints = UsageStore(db), EndpointStore(db)
+    intake = Intake(
+        messages=messages,
+        txns=TxnStore(db),
+        is_own_user=namespace_matcher(config),
+        server=config.homeserver.address,
+        domain=config.homeserver.domain,
+        as_token=as_token,
+        hs_token=hs_token,
+        bot_localpart=config.appservice.bot_localpart,
+        id=config.appservice.id,
+        state_store=state_store,
+        log=logging.getLogger("hivebridge.appservice"),
+    )
+    members = RoomMembers(state_store)
+
+    local = LocalEngine(model_path, engine_settings(config), model_name=local_name)
+    inference = InferenceRouter(
+        fallback=local,
+        default_model=config.inference.default_model or local_name,
+        hooks=InferenceHooks(metrics.count_endpoint_error, metrics.count_failover),
+    )
+    catalogue = ModelCatalogue(
+        CatalogueStore(db),
+        inference,
+        scan_local=lambda: scan_local_models(model_path, config.inference.local.model_dirs),
+        loaded={local_name: local},
+    )
+
+    def backend_for(persona: Persona) -> Backend:
+        return catalogue.backend_for(persona.model or inference.default_model or local_name)
+
+    personas = PersonaDirectory(config, PersonaStore(db), intake)
+    lifecycle = PersonaLifecycle(personas)
+    roles = Roles(config.permissions, TrustStore(db))
+    limits = Limits(config.limits, usage, RateLimitStore(db), roles.role_of)
+    summarizer = Summarizer(config, SummaryStore(db), local.count_tokens)
+    history = ConversationHistory(
+        config, personas, members, messages, rooms, SummaryStore(db), local.count_tokens
+    )
+    sender = Sender(messages)
+    replies = ReplyService(
+        config,
+        personas,
+        history,
+        messages,
+        sender,
+        jobs,
+        limits,
+        summarizer,
+        backend_for=backend_for,
+        model_name=catalogue.model_of,
+    )
+
+    commands = CommandTable(prefix=config.routing.command_prefix)
+    message_handler = MessageHandler(
+        config, intake, personas, members, messages, rooms, roles, commands, sender, replies,
+        limits,
+    )  # fmt: skip
+    membership = MembershipHandler(
+        config.permissions, intake, personas, members, on_left=message_handler.forget_room
+    )
+    handler = RoomEventHandler(members, membership, message_handler, HandledMarks(messages))
+    RoomCommands(rooms, handler.forget_room).register(commands)
+    MetaCommands(commands).register(commands)
+    PersonaCommands(personas, lifecycle).register(commands)
+    TrustCommands(roles).register(commands)
+    ContextCommands(history, rooms, messages, personas, members).register(commands)
+    ModelCommands(
+        config,
+        catalogue,
+        inference,
+        endpoints,
+        limits,
+        local.count_tokens,
+        config_endpoints=[e.name for e in config.endpoints],
+    ).register(commands)
+    StatsCommands(usage, config.bot_mxid).register(commands)
+
+    admin = BridgeAdmin(
+        db=db, intent_of=lambda: intake.intent, catalogue=catalogue, personas=personas, usage=usage
+    )
+    return Parts(
+        config=config,
+        db=db,
+        messages=messages,
+        rooms=rooms,
+        jobs=jobs,
+        usage=usage,
+        endpoints=endpoints,
+        intake=intake,
+        members=members,
+        local=local,
+        local_name=local_name,
+        inference=inference,
+        catalogue=catalogue,
+        personas=personas,
+        lifecycle=lifecycle,
+        roles=roles,
+        limits=limits,
+        summarizer=summarizer,
+        history=history,
+        replies=replies,
+        commands=commands,
+        handler=handler,
+        admin=admin,
+    )
+
+
 class Bridge:
-    """A running hivebridge: database, appservice, personas and inference."""
+    """A hivebridge process: :meth:`start` builds and starts it, :meth:`stop` unwinds it."""
 
     def __init__(self, config: Config, registration_path: str | Path) -> None:
         self.config = config
         self.registration_path = Path(registration_path)
-        self.db: Database | None = None
-        self.appservice: Intake | None = None
-        self.local: LocalEngine | None = None
-        self.router: EventRouter | None = None
-        self.personas: PersonaDirectory | None = None
-        self.web: WebServer | None = None
-        self.summarizer: Summarizer | None = None
-        self.inference: InferenceRouter | None = None
-        self.catalogue: ModelCatalogue | None = None
-        self.limits: Limits | None = None
-        self.usage: UsageStore | None = None
-        #: The admin API's listener (``admin_api.token`` set); ``web`` serves metrics.
-        self.admin_web: WebServer | None = None
-        self.admin: BridgeAdmin | None = None
-        self._unwatch_engines: Callable[[], None] | None = None
+        self._stack = AsyncExitStack()
+        self._parts: Parts | None = None
+
+    @property
+    def parts(self) -> Parts:
+        if self._parts is None:
+            raise RuntimeError("the bridge is not started")
+        return self._parts
 
     async def start(self) -> None:
+        """Build, then start: models, endpoints, listening, resumed work, the homeserver.
+
+        On failure everything already started is stopped again before the error
+        propagates.
+        """
+        try:
+            self._parts = await build(self.config, self.registration_path, self._stack)
+            await self._start(self._parts, self._stack)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, p: Parts, stack: AsyncExitStack) -> None:
         config = self.config
-        as_token, hs_token = load_tokens(config, self.registration_path)
-        self.db = db = await open_database(config.database_url())
-        state_store = PgASStateStore(db)
-        await state_store.upgrade_table.upgrade(db)
-        messages = MessageStore(db)
-        self.appservice = appservice = Intake(
-            messages=messages,
-            txns=TxnStore(db),
-            on_event=self._on_event,
-            is_own_user=self._is_own_user,
-            server=config.homeserver.address,
-            domain=config.homeserver.domain,
-            as_token=as_token,
-            hs_token=hs_token,
-            bot_localpart=config.appservice.bot_localpart,
-            id=config.appservice.id,
-            state_store=state_store,
-            log=logging.getLogger("hivebridge.appservice"),
+        await self._load_local(p, stack)
+        await p.personas.load()
+        await p.roles.load()
+        await p.limits.load()
+        added = [(e.name, e.url, e.resolved_key()) for e in config.endpoints]
+        added += [(e.name, e.url, resolve_key(e.api_key)) for e in await p.endpoints.all()]
+        await asyncio.gather(*(p.inference.add_endpoint(n, u, k) for n, u, k in added))
+        await p.catalogue.load()
+        p.inference.start()
+        stack.push_async_callback(p.inference.aclose)
+        unfinished = await self.unfinished()
+        stack.push_async_callback(p.intake.stop)  # the client side: sends until here
+        stack.push_async_callback(p.summarizer.close)
+        stack.push_async_callback(p.handler.close)
+        await p.intake.start(
+            config.appservice.hostname, config.appservice.port, sink=p.handler.on_event
         )
-        self.local = LocalEngine(resolve_model_path(config), engine_settings(config))
-        await self._load_local(self.local)
-        self.personas = personas = PersonaDirectory(config, PersonaStore(db), appservice)
-        self.lifecycle = PersonaLifecycle(personas)
-        rooms = RoomStore(db)
-        sender = Sender(messages)
-        self.roles = roles = Roles(config.permissions, TrustStore(db))
-        self.summarizer = Summarizer(config, SummaryStore(db), self.local.count_tokens)
-        replies = ReplyService(
-            config,
-            personas,
-            messages,
-            rooms,
-            sender,
-            self._backend_for,
-            self.local.count_tokens,
-            summarizer=self.summarizer,
-        )
-        replies.jobs = ReplyJobStore(db)
-        self.commands = commands = CommandTable(prefix=config.routing.command_prefix)
-        self.router = router = EventRouter(
-            config, appservice, personas, messages, rooms, roles, commands, sender, replies
-        )
-        RoomCommands(rooms, commands, router.forget_room).register(commands)
-        PersonaCommands(personas, self.lifecycle).register(commands)
-        TrustCommands(roles).register(commands)
-        ContextCommands(replies, rooms, messages, personas, router.joined_members).register(
-            commands
-        )
-        await personas.load()
-        await roles.load()
-        await self._start_models(db, commands, replies, router)
-        unfinished = await self._unfinished(messages, replies.jobs)
-        await appservice.start(config.appservice.hostname, config.appservice.port)
+        stack.push_async_callback(p.intake.stop_listening)
         # Queued before anything else can be (no await since start): each room's
         # unfinished work goes ahead of what the homeserver redelivers now.
         for msg in unfinished:
-            router.resume(msg)
-        await appservice.intent.ensure_registered()
-        await appservice.intent.set_displayname(config.appservice.bot_displayname)
-        await personas.ensure_default()
-        await self._start_web()
-        appservice.ready = True
-        await self._ping_homeserver()
+            p.handler.resume(msg)
+        await p.intake.intent.ensure_registered()
+        await p.intake.intent.set_displayname(config.appservice.bot_displayname)
+        await p.personas.ensure_default()
+        await self._start_web(p, stack)
+        p.intake.ready = True
+        await self._ping_homeserver(p)
         log.info(
             "hivebridge listening on %s:%d as %s",
             config.appservice.hostname,
@@ -170,54 +316,51 @@ class Bridge:
             config.bot_mxid,
         )
 
-    async def _load_local(self, local: LocalEngine) -> None:
+    async def _load_local(self, p: Parts, stack: AsyncExitStack) -> None:
         """Load the local model, recording how long it took and what it holds.
 
         Memory is reported as the GGUF file's size (the weights' share); the KV
         pool is sized by inference.local.n_ctx on top of it.
         """
-        label = metrics.model_label(local_model_name(local.model_path))
+        label = metrics.model_label(p.local_name)
         started = time.monotonic()
-        await local.start()
+
+        async def unload() -> None:
+            await p.local.stop()
+            metrics.MODEL_LOADED.labels(label).set(0)
+
+        stack.push_async_callback(unload)
+        await p.local.start()
         metrics.MODEL_LOAD_DURATION.labels(label).observe(time.monotonic() - started)
         metrics.MODEL_LOADED.labels(label).set(1)
         try:
-            metrics.MODEL_MEMORY_BYTES.labels(label).set(local.model_path.stat().st_size)
+            metrics.MODEL_MEMORY_BYTES.labels(label).set(p.local.model_path.stat().st_size)
         except OSError:
             pass
 
-    async def _start_web(self) -> None:
+    async def _start_web(self, p: Parts, stack: AsyncExitStack) -> None:
         """Metrics and health (readiness included) on the metrics listener; the admin
         API on its own listener when a token is set, or on the same one if they share
         a port."""
-        config = self.config
-        assert self.db is not None and self.appservice is not None
-        assert self.catalogue is not None and self.personas is not None
-        assert self.usage is not None
-        self.admin = admin = BridgeAdmin(
-            db=self.db,
-            intent=self.appservice.intent,
-            catalogue=self.catalogue,
-            personas=self.personas,
-            usage=self.usage,
-        )
-        m, a = config.metrics, config.admin_api
+        m, a = self.config.metrics, self.config.admin_api
         token = a.token or None
         shared = m.enabled and token is not None and (m.hostname, m.port) == (a.hostname, a.port)
         if m.enabled:
-            self.web = WebServer(
-                admin, hostname=m.hostname, port=m.port, token=token if shared else None
+            web = WebServer(
+                p.admin, hostname=m.hostname, port=m.port, token=token if shared else None
             )
-            await self.web.start()
+            await web.start()
+            stack.push_async_callback(web.stop)
         if token is not None and not shared:
-            self.admin_web = WebServer(
-                admin, hostname=a.hostname, port=a.port, token=token, serve_metrics=False
+            admin_web = WebServer(
+                p.admin, hostname=a.hostname, port=a.port, token=token, serve_metrics=False
             )
-            await self.admin_web.start()
-        catalogue = self.catalogue
-        self._unwatch_engines = metrics.watch_engines(lambda: engine_loads(catalogue.loaded))
+            await admin_web.start()
+            stack.push_async_callback(admin_web.stop)
+        catalogue = p.catalogue
+        stack.callback(metrics.watch_engines(lambda: engine_loads(catalogue.loaded)))
 
-    async def _unfinished(self, messages: MessageStore, jobs: ReplyJobStore) -> list[StoredMessage]:
+    async def unfinished(self) -> list[StoredMessage]:
         """What a crash left undone: unhandled messages and messages with pending
         reply jobs, at most ``replies.resume_max_age_s`` old, oldest first.
 
@@ -225,12 +368,13 @@ class Bridge:
         during start is routed once (by intake), not also resumed. Older work stays
         stored and unanswered: a reply that late would confuse more than help.
         """
+        p = self.parts
         since = int((time.time() - self.config.replies.resume_max_age_s) * 1000)
-        found = {m.event_id: m for m in await messages.unhandled(since)}
-        pending = await jobs.pending(since)
+        found = {m.event_id: m for m in await p.messages.unhandled(since)}
+        pending = await p.jobs.pending(since)
         for job in pending:
             if job.event_id not in found:
-                msg = await messages.get(job.event_id)
+                msg = await p.messages.get(job.event_id)
                 if msg is not None:
                     found[msg.event_id] = msg
         if found:
@@ -239,121 +383,45 @@ class Bridge:
             )
         return sorted(found.values(), key=lambda m: (m.ts, m.event_id))
 
-    async def _ping_homeserver(self) -> None:
+    async def _ping_homeserver(self, p: Parts) -> None:
         """Ask the homeserver to retry queued transactions now, not after its backoff."""
-        assert self.appservice is not None
         try:
-            await self.appservice.ping_self()
+            await p.intake.ping_self()
         except Exception as e:
             log.warning("homeserver ping failed (it will retry on its own): %s", e)
 
-    def _on_event(self, event: object, stored: object) -> None:
-        assert self.router is not None
-        self.router.on_event(event, stored)  # type: ignore[arg-type]
-
-    async def _start_models(
-        self, db: Database, commands: CommandTable, replies: ReplyService, router: EventRouter
-    ) -> None:
-        """Router (endpoints from config and database, local fallback), catalogue, limits."""
-        config, local = self.config, self.local
-        assert local is not None and self.roles is not None
-        model_path = resolve_model_path(config)
-        local_name = local_model_name(model_path)
-        fallback = config.inference.fallback_model
-        if fallback and fallback != local_name:
-            raise ConfigError(
-                "inference.fallback_model", f"only the loaded local model ({local_name}) can be it"
-            )
-        self.inference = inference = InferenceRouter(
-            fallback=local, default_model=config.inference.default_model or local_name
-        )
-        stored = EndpointStore(db)
-        added = [(e.name, e.url, e.resolved_key()) for e in config.endpoints]
-        added += [(e.name, e.url, resolve_key(e.api_key)) for e in await stored.all()]
-        await asyncio.gather(*(inference.add_endpoint(n, u, k) for n, u, k in added))
-        self.catalogue = catalogue = ModelCatalogue(
-            CatalogueStore(db),
-            inference,
-            scan_local=lambda: scan_local_models(model_path, config.inference.local.model_dirs),
-            loaded={local_name: local},
-        )
-        await catalogue.load()
-        inference.start()
-        self.usage = usage = UsageStore(db)
-        replies.model_name = catalogue.model_of
-        self.limits = limits = Limits(config.limits, usage, RateLimitStore(db), self.roles.role_of)
-        await limits.load()
-        router.limits = limits
-        replies.on_usage = self._record_reply
-        ModelCommands(
-            config,
-            catalogue,
-            inference,
-            stored,
-            limits,
-            local.count_tokens,
-            config_endpoints=[e.name for e in config.endpoints],
-        ).register(commands)
-        StatsCommands(usage, config.bot_mxid).register(commands)
-
-    async def _record_reply(
-        self, persona: Persona, msg: StoredMessage, stats: GenerationStats
-    ) -> None:
-        assert self.limits is not None
-        await self.limits.record(
-            user=msg.sender,
-            room_id=msg.room_id,
-            persona=persona.name,
-            model=self.catalogue.model_of(stats, persona.model or "?")
-            if self.catalogue is not None
-            else stats.model,
-            kind="reply",
-            prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.completion_tokens,
-        )
-
-    def _is_own_user(self, mxid: str) -> bool:
-        return self.personas is not None and self.personas.is_ours(mxid)
-
-    def _backend_for(self, persona: Persona) -> Backend:
-        if self.catalogue is not None:
-            ref = persona.model or self.config.inference.default_model
-            if ref:
-                return self.catalogue.backend_for(ref)
-            assert self.inference is not None and self.inference.default_model is not None
-            return self.catalogue.backend_for(self.inference.default_model)
-        assert self.local is not None
-        return self.local
-
     async def stop(self) -> None:
-        if self._unwatch_engines is not None:
-            self._unwatch_engines()
-            self._unwatch_engines = None
-        if self.admin_web is not None:
-            await self.admin_web.stop()
-        if self.web is not None:
-            await self.web.stop()
-        if self.router is not None:
-            await self.router.close()
-        if self.summarizer is not None:
-            await self.summarizer.close()
-        if self.inference is not None:
-            await self.inference.aclose()
-        if self.appservice is not None:
-            await self.appservice.stop()
-        if self.local is not None:
-            await self.local.stop()
-            metrics.MODEL_LOADED.labels(
-                metrics.model_label(local_model_name(self.local.model_path))
-            ).set(0)
-        if self.db is not None:
-            await self.db.stop()
+        """Stop whatever was started, newest first; safe after a failed start and twice."""
+        stack, self._stack = self._stack, AsyncExitStack()
+        await stack.aclose()
 
 
-async def run(config: Config, registration_path: str | Path) -> None:
+async def run(config: Config, registration_path: str | Path) -> int:
+    """Run until SIGTERM or SIGINT; the exit status (non-zero when the start failed)."""
     bridge = Bridge(config, registration_path)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     try:
-        await bridge.start()
-        await asyncio.Event().wait()
-    finally:
+        try:
+            await bridge.start()
+        except ConfigError:
+            raise
+        except Exception as e:
+            log.debug("start failed", exc_info=True)
+            log.error("hivebridge could not start: %s", _one_line(e))
+            return EXIT_START_FAILED
+        await stopping.wait()
+        log.info("stopping")
         await bridge.stop()
+        log.info("hivebridge stopped")
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:299] + "…"

@@ -192,7 +192,7 @@ class ModelCatalogue:
             raise ValueError(f"{alias!r} is already a model name.")
         name = self.resolve(ref)
         if name is None:
-            raise ValueError(f"No model {ref[:60]!r}; !models lists the ids.")
+            raise ValueError(f"No model {ref[:60]!r}.")
         model_id = self._ids[name]
         await self.store.set_alias(alias, model_id, created_by)
         self._aliases[alias] = model_id

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.logging.level)
         redactor.add(*load_tokens(config, args.registration), config.admin_api.token)
         config.data_path.mkdir(parents=True, exist_ok=True)
-        asyncio.run(run(config, args.registration))
+        return asyncio.run(run(config, args.registration))
     except ConfigError as e:
         print(f"hivebridge: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -13,7 +13,7 @@ from mautrix.types import Event
 from hivebridge.db import open_database
 from hivebridge.db.messages import MessageStore, StoredMessage
 from hivebridge.db.txns import TxnStore
-from hivebridge.devserver.synapse import free_port
+from hivebridge.devserver.process import free_port
 from hivebridge.matrix.intake import Intake
 
 HS_TOKEN = "hs-token-for-tests-0123456789"
@@ -39,7 +39,6 @@ async def start_intake(db_url: str) -> Running:
     intake = Intake(
         messages=MessageStore(db),
         txns=TxnStore(db),
-        on_event=on_event,
         server="http://127.0.0.1:9",  # never called here
         domain="hive.test",
         as_token="as-token-for-tests-0123456789",
@@ -49,7 +48,7 @@ async def start_intake(db_url: str) -> Running:
         state_store=state_store,
     )
     port = free_port()
-    await intake.start("127.0.0.1", port)
+    await intake.start("127.0.0.1", port, sink=on_event)
     return Running(intake, port, seen)
 
 
