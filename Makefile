@@ -19,11 +19,12 @@ LLAMA_CMAKE_ARGS := -DGGML_LLAMAFILE=OFF
 LLAMA_WHEELS ?= $(HOME)/.cache/hivebridge/wheels/llama-cpp-python-$(LLAMA_VERSION)-nollamafile
 LLAMA_STAMP := $(VENV)/.installed-llama
 
-.PHONY: demo test lint bench clean help
+.PHONY: demo test test-fast lint bench clean help
 
 help:
 	@echo "make demo   - private Synapse + hivebridge + bundled model; a persona answers"
 	@echo "make test   - lint (ruff, mypy) and the whole test suite"
+	@echo "make test-fast - lint, unit and integration tests (no Synapse): the inner loop"
 	@echo "make bench  - the benchmarks, one JSON line each"
 
 $(BIN)/python:
@@ -57,6 +58,9 @@ lint: $(DEV_STAMP)
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 bench: $(DEV_STAMP)
 	@for b in bench/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b | tail -n 1; done

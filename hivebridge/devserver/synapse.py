@@ -8,27 +8,16 @@ exactly that process.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from ruamel.yaml import YAML
 
+from .process import ManagedProcess, free_port
+
 _RELAXED = {"per_second": 1000, "burst_count": 1000}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def synapse_config(
@@ -117,11 +106,20 @@ class PrivateSynapse:
         self.registrations = list(registrations or [])
         self.port = port or free_port()
         self.shared_secret = secrets.token_urlsafe(24)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process = ManagedProcess(
+            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+            log_path=self.workdir / "homeserver.stdout",
+            cwd=self.workdir,
+            name="synapse",
+        )
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "homeserver.yaml"
 
     @property
     def log_path(self) -> Path:
@@ -134,7 +132,7 @@ class PrivateSynapse:
         if not key.exists():
             _write_signing_key(key)
         (self.workdir / "log.yaml").write_text(_LOG_CONFIG.format(path=self.log_path))
-        path = self.workdir / "homeserver.yaml"
+        path = self.config_path
         cfg = synapse_config(
             self.workdir, self.server_name, self.port, self.registrations, self.shared_secret
         )
@@ -144,46 +142,16 @@ class PrivateSynapse:
 
     def spawn(self) -> None:
         """Start the process without waiting for it (see :meth:`start`)."""
-        config = self.write_config()
-        with open(self.workdir / "homeserver.stdout", "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "synapse.app.homeserver", "-c", str(config)],
-                cwd=self.workdir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.write_config()
+        self.process.spawn()
 
     async def start(self, timeout: float = 90.0) -> None:
         self.spawn()
         try:
-            await self._wait_healthy(timeout)
+            await self.process.wait_http(f"{self.url}/health", timeout)
         except BaseException:
             self.stop()
             raise
 
-    async def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"synapse exited with {self.process.returncode}; see {self.log_path}"
-                    )
-                with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with http.get(f"{self.url}/health") as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"synapse not healthy after {timeout:.0f}s; see {self.log_path}")
-
     def stop(self, timeout: float = 15.0) -> None:
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        self.process.stop(timeout)

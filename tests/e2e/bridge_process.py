@@ -9,26 +9,21 @@ homeserver's room history, the two sources of truth the tests count in.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import asyncpg
 from ruamel.yaml import YAML
 
 from hivebridge.config import Config
 from hivebridge.devserver.client import HumanClient, is_edit
-from hivebridge.matrix.sender import ANSWERS_KEY
+from hivebridge.devserver.process import ManagedProcess
+from hivebridge.matrix.content import ANSWERS_KEY
 
 Event = dict[str, Any]
 
@@ -74,16 +69,30 @@ def bridge_config_yaml(
     }
 
 
-@dataclass
 class BridgeProcess:
     """``python -m hivebridge -c cfg -r reg``; start, wait until ready, kill -9 or stop."""
 
-    config_path: Path
-    registration: Path
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    starts: list[float] = field(default_factory=list)  # seconds each start took
+    def __init__(self, config_path: Path, registration: Path, port: int, log_path: Path) -> None:
+        self.config_path = config_path
+        self.registration = registration
+        self.port = port
+        self.log_path = log_path
+        self.starts: list[float] = []  # seconds each start took
+        self.proc = ManagedProcess(
+            [
+                sys.executable,
+                "-m",
+                "hivebridge",
+                "-c",
+                str(config_path),
+                "-r",
+                str(registration),
+            ],
+            log_path=log_path,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            name="bridge",
+        )
 
     @classmethod
     def write(cls, workdir: Path, config: dict[str, Any], registration: Path) -> BridgeProcess:
@@ -95,75 +104,31 @@ class BridgeProcess:
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        return self.proc.pid
 
     def spawn(self) -> None:
         """Start the process without waiting for it (see :meth:`start`)."""
-        assert self.process is None or self.process.poll() is not None, "already running"
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hivebridge",
-                    "-c",
-                    str(self.config_path),
-                    "-r",
-                    str(self.registration),
-                ],
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        self.proc.spawn()
 
     async def start(self, timeout: float = 90.0) -> None:
         """Spawn it and wait until its appservice answers ready (listening, resumed)."""
         started = time.monotonic()
         self.spawn()
         try:
-            await self._wait_ready(timeout)
+            await self.proc.wait_http(f"http://127.0.0.1:{self.port}/_matrix/mau/ready", timeout)
         except BaseException:
             self.stop()
             raise
         self.starts.append(time.monotonic() - started)
 
-    async def _wait_ready(self, timeout: float) -> None:
-        url = f"http://127.0.0.1:{self.port}/_matrix/mau/ready"
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"bridge exited with {self.process.returncode}:\n{self.log_tail()}"
-                    )
-                with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with http.get(url) as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.1)
-        raise TimeoutError(f"bridge not ready after {timeout:.0f}s:\n{self.log_tail()}")
-
     def kill9(self) -> None:
         """SIGKILL exactly our bridge: no shutdown code runs, as in a crash."""
-        proc, self.process = self.process, None
-        assert proc is not None and proc.poll() is None, "the bridge is not running"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        assert self.proc.running(), "the bridge is not running"
+        self.proc.kill()
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (a clean stop), then SIGKILL if it does not exit in time."""
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        return self.proc.stop(timeout)
 
     def rss_kib(self) -> int:
         """Resident memory of the bridge process (VmRSS from /proc)."""
@@ -173,10 +138,7 @@ class BridgeProcess:
         raise RuntimeError("no VmRSS in /proc status")
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return self.proc.log_tail(lines)
 
 
 async def pg_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:

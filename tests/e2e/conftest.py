@@ -13,13 +13,21 @@ import pytest
 
 from hivebridge.app import Bridge
 from hivebridge.config import Config, PermissionsConfig
-from hivebridge.demo import SERVER_NAME, demo_config
 from hivebridge.devserver.client import HumanClient, register_user
-from hivebridge.devserver.synapse import PrivateSynapse, free_port
-from hivebridge.registration import write_registration
+from hivebridge.devserver.stack import DevStack
+from hivebridge.devserver.synapse import PrivateSynapse
 from tests.conftest import skip_or_fail
 
 _users = itertools.count()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e is an end-to-end test: ``-m "not e2e"`` leaves them out."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 OWNER = "@boss:hive.test"
@@ -48,20 +56,16 @@ def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]
     if importlib.util.find_spec("synapse") is None:
         skip_or_fail("matrix-synapse is not installed")
     root = tmp_path_factory.mktemp("e2e")
-    hs_port, as_port = free_port(), free_port()
-    config = demo_config(root, f"http://127.0.0.1:{hs_port}", as_port)
-    config = replace(
-        config,
+    stack = DevStack(
+        root,
         permissions=PermissionsConfig(owners=(OWNER,), invite_allowlist=("*:hive.test",)),
         # Short replies keep the suite quick; the model is real all the same.
-        inference=replace(config.inference, max_tokens=24, temperature=0.0),
+        configure=lambda c: replace(
+            c, inference=replace(c.inference, max_tokens=24, temperature=0.0)
+        ),
     )
-    registration = root / "registration.yaml"
-    write_registration(config, registration)
-    synapse = PrivateSynapse(
-        root / "synapse", server_name=SERVER_NAME, registrations=[registration], port=hs_port
-    )
-    asyncio.run(synapse.start())
+    config, registration, synapse = stack.config, stack.registration, stack.synapse
+    asyncio.run(stack.start())
     try:
         owner = asyncio.run(
             register_user(synapse.url, synapse.shared_secret, "boss", "boss-password")

@@ -119,8 +119,7 @@ async def test_database_connections_cut_idle_and_mid_work(
                 return bool(answers_to(history, persona, question))
 
             await wait_until(answered, 120, "no answer after the cut", poll=0.5)
-            assert bridge.router is not None
-            await bridge.router.drain()
+            await bridge.parts.handler.drain()
             history = await room_history(human, room)
 
         assert len(answers_to(history, persona, question)) == 1, dump(history[-10:])

@@ -24,9 +24,8 @@ async def test_persona_answers_a_dm_from_the_model(homeserver: Homeserver, bridg
         assert reply["origin_server_ts"] >= 0
 
     # Both sides of the exchange are stored, once each.
-    assert bridge.appservice is not None and bridge.router is not None
-    await bridge.router.drain()
-    messages = bridge.appservice.messages
+    await bridge.parts.handler.drain()
+    messages = bridge.parts.messages
     stored_question = await messages.get(sent)
     stored_reply = await messages.get(reply["event_id"])
     assert stored_question is not None and stored_question.handled
@@ -45,8 +44,7 @@ async def test_streamed_reply_is_one_event_plus_capped_edits(
 
     from hivebridge.config import RepliesConfig
 
-    assert bridge.router is not None
-    replies = bridge.router.replies
+    replies = bridge.parts.replies
     replies.config = replace(
         replies.config,
         replies=RepliesConfig(edit_interval_s=0.1, max_edits=2),
@@ -58,9 +56,8 @@ async def test_streamed_reply_is_one_event_plus_capped_edits(
         await human.wait_for_members(room, {human.user_id, persona})
         await human.send_text(room, "Tell me a long story about a dragon and a knight.")
         first = await human.wait_for(room, from_user(persona), timeout=120)
-        await bridge.router.drain()
-        assert bridge.appservice is not None
-        stored = await bridge.appservice.messages.get(first["event_id"])
+        await bridge.parts.handler.drain()
+        stored = await bridge.parts.messages.get(first["event_id"])
         assert stored is not None
         if stored.body != first["content"]["body"]:  # it was edited: the last edit is whole
             await human.wait_for(
@@ -92,8 +89,7 @@ async def test_invite_from_outside_the_allowlist_is_refused(
     bridge.config = replace(
         bridge.config, permissions=PermissionsConfig(invite_allowlist=("@nobody:hive.test",))
     )
-    assert bridge.router is not None
-    bridge.router.config = bridge.config
+    bridge.parts.handler.membership.permissions = bridge.config.permissions
     persona = bridge.config.persona_mxid(bridge.config.default_persona.name)
     async with await homeserver.human("mallory") as mallory:
         room = await mallory.create_room([persona], direct=True)

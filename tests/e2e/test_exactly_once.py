@@ -172,8 +172,7 @@ async def test_resume_finds_a_reply_sent_just_before_the_crash(
     config = bridge.config
     persona = config.persona_mxid(config.default_persona.name)
     name = config.default_persona.name
-    assert bridge.router is not None and bridge.appservice is not None and bridge.db is not None
-    jobs, messages, db = bridge.router.replies.jobs, bridge.appservice.messages, bridge.db
+    jobs, messages, db = bridge.parts.jobs, bridge.parts.messages, bridge.parts.db
     assert jobs is not None
     async with await homeserver.human("window") as human:
         room = await human.create_room([persona, config.bot_mxid], name="window")
@@ -185,7 +184,7 @@ async def test_resume_finds_a_reply_sent_just_before_the_crash(
             return job is not None and job.state == "done"
 
         await wait_until(answered, 90, "no reply")
-        await bridge.router.drain()
+        await bridge.parts.handler.drain()
         job = await jobs.get(asked, name)
         assert job is not None and job.reply_event_id is not None
         reply_id = job.reply_event_id
@@ -200,11 +199,11 @@ async def test_resume_finds_a_reply_sent_just_before_the_crash(
             "UPDATE reply_jobs SET state='pending', reply_event_id=NULL WHERE event_id=$1", asked
         )
         await db.execute("DELETE FROM messages WHERE event_id=$1", reply_id)
-        unfinished = await bridge._unfinished(messages, jobs)
+        unfinished = await bridge.unfinished()
         assert [m.event_id for m in unfinished] == [asked]
         for msg in unfinished:
-            bridge.router.resume(msg)
-        await bridge.router.drain()
+            bridge.parts.handler.resume(msg)
+        await bridge.parts.handler.drain()
 
         job = await jobs.get(asked, name)
         assert job is not None and (job.state, job.reply_event_id) == ("done", reply_id)
@@ -225,11 +224,11 @@ async def test_resume_finds_a_reply_sent_just_before_the_crash(
             asked,
             int(time.time() * 1000) - max_age_ms - 60_000,
         )
-        assert asked not in [m.event_id for m in await bridge._unfinished(messages, jobs)]
+        assert asked not in [m.event_id for m in await bridge.unfinished()]
         await db.execute("UPDATE reply_jobs SET state='done' WHERE event_id=$1", asked)
 
         # A message older than the max age (as if redelivered late) is not answered.
-        bridge.router.config = replace(
+        bridge.parts.handler.messages.config = replace(
             config, replies=replace(config.replies, resume_max_age_s=0.0)
         )
         late = await addressed(human, room, persona, "are you still there?")
@@ -239,7 +238,7 @@ async def test_resume_finds_a_reply_sent_just_before_the_crash(
             return stored is not None and stored.handled
 
         await wait_until(routed, 30, "the late message was never routed")
-        await bridge.router.drain()
+        await bridge.parts.handler.drain()
         assert await jobs.for_event(late) == {}
         history = await room_history(human, room)
         assert answers_to(history, persona, late) == []

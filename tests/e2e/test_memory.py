@@ -20,6 +20,7 @@ from hivebridge.config import Config, SummariesConfig
 from hivebridge.db.personas import Persona
 from hivebridge.devserver.client import HumanClient
 from hivebridge.inference.types import Backend, ChatMessage, Generation, SamplingParams
+from hivebridge.personas.replies import ReplyDone
 from tests.e2e.conftest import Homeserver
 
 Event = dict[str, Any]
@@ -67,13 +68,12 @@ async def running(
     bridge = Bridge(config, registration)
     await bridge.start()
     try:
-        assert bridge.router is not None and bridge.local is not None
-        recorder = RecordingBackend(bridge.local)
+        recorder = RecordingBackend(bridge.parts.local)
 
         def backend_for(persona: Persona) -> Backend:
             return recorder
 
-        bridge.router.replies.backend_for = backend_for
+        bridge.parts.replies.backend_for = backend_for
         yield bridge, recorder
     finally:
         await bridge.stop()
@@ -106,17 +106,25 @@ async def say(
     """Send one turn and wait for the persona's answer (its first, unedited event)."""
     original = is_original_text(persona)
     seen = {e["event_id"] for e in client.timeline.get(room, []) if original(e)}
-    await client.send_text(room, text)
-    reply = await client.wait_for(
-        room, lambda e: original(e) and e["event_id"] not in seen, timeout=120
-    )
-    assert not reply["content"]["body"].startswith("⚠️"), reply["content"]["body"]
-    assert bridge.router is not None
-    await bridge.router.drain()
-    live = bridge.router.replies.last_reply
+    finished: list[ReplyDone] = []
+
+    async def on_done(done: ReplyDone) -> None:
+        finished.append(done)
+
+    undo = bridge.parts.replies.observe(on_done)
+    try:
+        await client.send_text(room, text)
+        reply = await client.wait_for(
+            room, lambda e: original(e) and e["event_id"] not in seen, timeout=120
+        )
+        assert not reply["content"]["body"].startswith("⚠️"), reply["content"]["body"]
+        await bridge.parts.handler.drain()
+    finally:
+        undo()
+    live = finished[-1]
     assert live is not None and live.first_visible_s is not None
     timings.first_visible_s.append(live.first_visible_s)
-    timings.edits.append(live.edits_sent)
+    timings.edits.append(live.edits)
     return reply
 
 
@@ -218,28 +226,25 @@ async def test_long_conversation_is_folded_into_a_summary(
         running(config, homeserver.registration) as (bridge, recorder),
         dm(homeserver, config, "longtalk") as (client, room, persona),
     ):
-        assert bridge.summarizer is not None
         started = time.monotonic()
         await say(client, room, persona, FACT, bridge, timings)
         for text in SMALL_TALK:
             await say(client, room, persona, text, bridge, timings)
-            await bridge.summarizer.wait_idle(room)
-            if bridge.summarizer.written:
+            await bridge.parts.summarizer.wait_idle(room)
+            if bridge.parts.summarizer.written:
                 break
         summary_s = time.monotonic() - started
-        stored = await bridge.summarizer.store.get(room)
+        stored = await bridge.parts.summarizer.store.get(room)
         assert stored is not None and stored.summary.strip(), "no summary was written"
         # The summarizer read the oldest turns (the fact) through the persona's backend.
         asked = [m for s, m in recorder.prompts if s == f"{room}|summary"]
         assert asked and "Quintessa" in texts(asked[0])
 
         # The next prompt: summary in the system block, only the turns after it.
-        assert bridge.router is not None
-        replies = bridge.router.replies
-        assert bridge.personas is not None
-        me = bridge.personas.get(persona)
+        history = bridge.parts.history
+        me = bridge.parts.personas.get(persona)
         assert me is not None
-        prompt, chapter = await replies.next_prompt(me, room, None, group=False)
+        prompt, chapter = await history.next_prompt(me, room, None, group=False)
         assert chapter.summary is not None
         assert stored.summary.strip() in prompt.messages[0].content
         assert prompt.summary_tokens > 0
@@ -278,8 +283,7 @@ async def test_rollback_removes_the_last_exchange(homeserver: Homeserver, tmp_pa
         assert done.startswith("Rolled back 1 exchange (2 messages)"), done
 
         # Stored still, but out of the context: neither the prompt nor !context has it.
-        assert bridge.appservice is not None and bridge.router is not None
-        assert await bridge.appservice.messages.get(answer["event_id"]) is not None
+        assert await bridge.parts.messages.get(answer["event_id"]) is not None
         await say(client, room, persona, "What do you remember?", bridge, timings)
         last = recorder.replies()[-1]
         assert "pineapple" not in texts(last)
@@ -287,5 +291,5 @@ async def test_rollback_removes_the_last_exchange(homeserver: Homeserver, tmp_pa
         assert "Please remember the number 41." in texts(last)
         assert "Usage: !mode" in await command(client, room, persona, "!mode sideways")
         assert "Thread mode" in await command(client, room, persona, "!mode thread")
-        assert (await bridge.router.rooms.get(room)).mode == "thread"
+        assert (await bridge.parts.rooms.get(room)).mode == "thread"
     timings.report("rollback DM")

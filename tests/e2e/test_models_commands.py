@@ -78,8 +78,7 @@ async def test_endpoint_alias_ask_failover_stats_and_limits(
 
             answer = await command(owner, room, "!ask tiny Say hello. max_tokens=8", bot)
             assert answer.startswith("[smollm2] ") and "unavailable" not in answer, answer
-            assert bridge.inference is not None
-            assert bridge.inference.sticky_endpoint(f"{room}|ask") == "remote1"
+            assert bridge.parts.inference.sticky_endpoint(f"{room}|ask") == "remote1"
 
             # A persona reply counts in !stats too.
             dm = await owner.create_room([persona], direct=True)
@@ -87,9 +86,7 @@ async def test_endpoint_alias_ask_failover_stats_and_limits(
             rooms.append((owner, dm))
             await owner.send_text(dm, "Hi!")
             await owner.wait_for(dm, lambda e: e.get("sender") == persona, timeout=60)
-
-            assert bridge.router is not None
-            await bridge.router.drain()  # the reply is finished (and counted)
+            await bridge.parts.handler.drain()  # the reply is finished (and counted)
 
             # The endpoint stops: the next !ask falls back to the local model and says so.
             server.stop()

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hivebridge import metrics
 from hivebridge.app import Bridge
 from hivebridge.config import AdminApiConfig, MetricsConfig
-from hivebridge.devserver.synapse import free_port
+from hivebridge.devserver.process import free_port
 from hivebridge.registration import load_tokens
 from tests.e2e.conftest import Homeserver
 
@@ -132,8 +132,7 @@ async def dm_exchange(homeserver: Homeserver, bridge: Bridge, text: str) -> tupl
         reply = await human.wait_for(room, from_user(persona), timeout=120)
         assert reply["content"]["body"].strip()
         assert not reply["content"]["body"].startswith("⚠️")
-        assert bridge.router is not None
-        await bridge.router.drain()
+        await bridge.parts.handler.drain()
         await human.sync_once(500)
         # The whole room as the homeserver keeps it, state included.
         path = f"/rooms/{quote(room)}/messages"
@@ -180,8 +179,7 @@ async def test_metrics_move_with_a_real_exchange(homeserver: Homeserver, ops: Op
     # The local engine's queue: the reply's wait observed once, the gauges fed per model
     # (read from the engine at the scrape; it is idle again now).
     assert grew("hivebridge_inference_queue_wait_seconds_count") == 1
-    assert ops.bridge.catalogue is not None
-    for model in ops.bridge.catalogue.loaded:
+    for model in ops.bridge.parts.catalogue.loaded:
         label = (("model", metrics.model_label(model)),)
         assert after[("hivebridge_inference_queue_depth", label)] == 0
         assert after[("hivebridge_inference_active_sequences", label)] == 0
@@ -255,7 +253,7 @@ class BrokenDatabase:
 
 
 async def test_readiness_fails_when_the_database_fails(ops: Ops) -> None:
-    admin = ops.bridge.admin
+    admin = ops.bridge.parts.admin
     assert admin is not None
     admin.db = BrokenDatabase()  # type: ignore[assignment]
     async with aiohttp.ClientSession() as http:

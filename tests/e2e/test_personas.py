@@ -61,10 +61,9 @@ async def test_spawn_and_despawn(homeserver: Homeserver, bridge: Bridge) -> None
         profile = await owner.request("GET", f"/profile/{ada}")
         assert profile["displayname"] == "Ada Lovelace"
         # Stored, with a room of its own to which the caller was invited.
-        assert bridge.personas is not None
-        stored = await bridge.personas.store.get("ada")
+        stored = await bridge.parts.personas.store.get("ada")
         assert stored is not None and stored.system_prompt == "You are Ada."
-        (own_room,) = await bridge.personas.store.rooms_of("ada")
+        (own_room,) = await bridge.parts.personas.store.rooms_of("ada")
         invites = await owner.request("GET", "/sync", timeout="0")
         assert own_room in invites["rooms"].get("invite", {})
 
@@ -76,7 +75,7 @@ async def test_spawn_and_despawn(homeserver: Homeserver, bridge: Bridge) -> None
         answer = await command(owner, room, "!persona despawn bob", bot)
         assert answer.startswith("Despawned bob"), answer
         assert "@hive_bob:hive.test" not in await owner.joined_members(room)
-        assert await bridge.personas.store.get("bob") is None
+        assert await bridge.parts.personas.store.get("bob") is None
         assert "No persona named" in await command(owner, room, "!persona show bob", bot)
 
 
@@ -86,8 +85,7 @@ async def test_plain_user_cannot_spawn(homeserver: Homeserver, bridge: Bridge) -
         room = await bot_room(pleb, bridge)
         answer = await command(pleb, room, "!persona spawn eve", bot)
         assert "needs the trusted role" in answer
-        assert bridge.personas is not None
-        assert await bridge.personas.store.get("eve") is None
+        assert await bridge.parts.personas.store.get("eve") is None
         assert "!persona" in await command(pleb, room, "!help", bot)
         assert "!trust" not in await command(pleb, room, "!help", bot)
         bad = await command(pleb, room, '!persona show "unclosed', bot)
@@ -139,8 +137,7 @@ async def test_group_room_answers_only_when_addressed(
         stopped = await owner.send_text(room, "Assistant, are you there?")
         await owner.sync_once(1500)
         await owner.sync_once(1500)
-        assert bridge.appservice is not None
-        stored = await bridge.appservice.messages.get(stopped)
+        stored = await bridge.parts.messages.get(stopped)
         assert stored is not None  # still stored while stopped
         assert not [
             e
@@ -156,27 +153,26 @@ async def test_group_room_answers_only_when_addressed(
 async def test_two_personas_ping_pong_stops_and_resumes(
     homeserver: Homeserver, bridge: Bridge
 ) -> None:
-    assert bridge.router is not None and bridge.personas is not None
     # A long hop budget so that the pattern detector, not the bounce limit, stops them.
-    bridge.router.config = replace(
+    bridge.parts.handler.messages.config = replace(
         bridge.config,
         routing=RoutingConfig(
             ping_pong_threshold=3, bounce_limit=50, max_persona_turns_per_minute=100
         ),
     )
-    bridge.router.loop_guard.threshold = 3
+    bridge.parts.handler.messages.loop_guard.threshold = 3
     bot = bridge.config.bot_mxid
     async with homeserver.owner() as owner:
         room = await bot_room(owner, bridge)
         for name in ("ping", "pong"):
             answer = await command(owner, room, f"!persona spawn {name} --room {room}", bot)
             assert answer.startswith("Spawned"), answer
-        ping = bridge.personas.get("@hive_ping:hive.test")
-        pong = bridge.personas.get("@hive_pong:hive.test")
+        ping = bridge.parts.personas.get("@hive_ping:hive.test")
+        pong = bridge.parts.personas.get("@hive_pong:hive.test")
         assert ping is not None and pong is not None
 
         async def kick_off() -> None:
-            intent = bridge.personas.intent(pong)  # type: ignore[union-attr]
+            intent = bridge.parts.personas.intent(pong)  # type: ignore[union-attr]
             await intent.send_text(room, "Ping, tell me something.")  # type: ignore[arg-type]
 
         await kick_off()

@@ -23,11 +23,9 @@ from hivebridge.config import PermissionsConfig
 from hivebridge.conversation import Prompt
 from hivebridge.db.messages import StoredMessage
 from hivebridge.db.personas import Persona
-from hivebridge.demo import SERVER_NAME, demo_config
 from hivebridge.devserver.client import HumanClient, register_user
-from hivebridge.devserver.synapse import PrivateSynapse, free_port
-from hivebridge.registration import write_registration
-from hivebridge.replies import Chapter
+from hivebridge.devserver.stack import SERVER_NAME, DevStack
+from hivebridge.personas.history import Chapter
 from tests.conftest import skip_or_fail
 from tests.e2e.bridge_process import answers_to, dump, room_history
 
@@ -37,25 +35,19 @@ DOWN_S = 30.0
 async def test_homeserver_down_30s_mid_reply(tmp_path: Path) -> None:
     if importlib.util.find_spec("synapse") is None:
         skip_or_fail("matrix-synapse is not installed")
-    hs_port, as_port = free_port(), free_port()
-    config = demo_config(tmp_path, f"http://127.0.0.1:{hs_port}", as_port)
-    config = replace(
-        config,
+    stack = DevStack(
+        tmp_path,
         permissions=PermissionsConfig(invite_allowlist=(f"*:{SERVER_NAME}",)),
-        inference=replace(config.inference, max_tokens=16, temperature=0.0),
+        configure=lambda c: replace(
+            c, inference=replace(c.inference, max_tokens=16, temperature=0.0)
+        ),
     )
-    registration = tmp_path / "registration.yaml"
-    write_registration(config, registration)
-    synapse = PrivateSynapse(
-        tmp_path / "synapse", server_name=SERVER_NAME, registrations=[registration], port=hs_port
-    )
-    bridge = Bridge(config, registration)
+    config, synapse, as_port = stack.config, stack.synapse, stack.config.appservice.port
+    bridge = Bridge(config, stack.registration)
     try:
-        await synapse.start()
+        await stack.start()
         await bridge.start()
-        assert bridge.router is not None and bridge.appservice is not None
-        replies = bridge.router.replies
-        assert replies.jobs is not None
+        replies, conversation = bridge.parts.replies, bridge.parts.history
         persona = config.persona_mxid(config.default_persona.name)
         bot = config.bot_mxid
         user = await register_user(synapse.url, synapse.shared_secret, "carol", "pw-carol-1")
@@ -63,13 +55,13 @@ async def test_homeserver_down_30s_mid_reply(tmp_path: Path) -> None:
 
         # Hold the reply at its start, so Synapse is surely down when it is sent.
         gate = asyncio.Event()
-        prompt_for = replies.prompt_for
+        prompt_for = conversation.prompt_for
 
         async def gated(p: Persona, msg: StoredMessage, *, group: bool) -> tuple[Prompt, Chapter]:
             await gate.wait()
             return await prompt_for(p, msg, group=group)
 
-        replies.prompt_for = gated  # type: ignore[method-assign]
+        conversation.prompt_for = gated  # type: ignore[method-assign]
 
         async with HumanClient(synapse.url, user["user_id"], token) as carol:
             room = await carol.create_room([persona, bot], name="outage")
@@ -112,9 +104,8 @@ async def test_homeserver_down_30s_mid_reply(tmp_path: Path) -> None:
             second = await carol.send_text(
                 room, "Assistant, and now?", **{"m.mentions": {"user_ids": [persona]}}
             )
-            assert bridge.appservice is not None
             deadline = time.monotonic() + 20
-            while await bridge.appservice.messages.get(second) is None:
+            while await bridge.parts.messages.get(second) is None:
                 # Synapse on SQLite numbers appservice transactions anew after a restart;
                 # intake keys its dedupe by id and content, so nothing is dropped.
                 assert time.monotonic() < deadline, "message after the restart never stored"
@@ -134,7 +125,7 @@ async def test_homeserver_down_30s_mid_reply(tmp_path: Path) -> None:
         print(f"reply held through the outage landed {landed:.1f}s after the stop; next answered")
     finally:
         await bridge.stop()
-        synapse.stop()
+        stack.stop()
 
 
 async def _live(port: int) -> bool:

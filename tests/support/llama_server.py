@@ -9,18 +9,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from hivebridge.devserver.process import ManagedProcess, free_port
 from hivebridge.inference.bundled import bundled_model_path
 
 DEFAULT_ALIAS = "smollm2"
@@ -37,18 +31,13 @@ def llama_server_missing() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
 class LlamaServer:
-    process: subprocess.Popen[bytes]
-    port: int
-    alias: str
-    log_path: Path
+    """A running server: its managed process, port and model alias."""
+
+    def __init__(self, proc: ManagedProcess, port: int, alias: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.alias = alias
 
     @property
     def base_url(self) -> str:
@@ -56,43 +45,31 @@ class LlamaServer:
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.proc.log_path
 
     def running(self) -> bool:
-        return self.process.poll() is None
+        return self.proc.running()
 
     def log_tail(self, limit: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
+        return self.proc.log_tail()[-limit:]
 
     def kill(self) -> None:
         """Die at once (SIGKILL), like a crashed server; streams break mid-way."""
-        if self.running():
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+        self.proc.kill()
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM this PID, then SIGKILL it if it lingers."""
-        if self.running():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.proc.stop(timeout)
         with contextlib.suppress(OSError):
-            self.log_path.unlink()
+            self.proc.log_path.unlink()
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/models", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except urllib.error.HTTPError as exc:
-        return exc.code == 401  # started with --api_key: up, but wants the key
-    except (urllib.error.URLError, OSError):
-        return False
+def _up(status: int) -> bool:
+    return status in (200, 401)  # started with --api_key: up, but wants the key
 
 
 def start_llama_server(
@@ -112,38 +89,37 @@ def start_llama_server(
     for _ in range(3):  # the free port can be taken between probing and binding
         port = free_port()
         fd, log_name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
-        with os.fdopen(fd, "wb") as log_file:
-            process = subprocess.Popen(
-                [
-                    python,
-                    "-m",
-                    "llama_cpp.server",
-                    "--model",
-                    str(path),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--model_alias",
-                    alias,
-                    "--n_ctx",
-                    str(n_ctx),
-                    "--interrupt_requests",
-                    "false",
-                    *extra_args,
-                ],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        server = LlamaServer(process, port, alias, Path(log_name))
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline and server.running():
-            if _ready(server.base_url):
-                return server
-            time.sleep(0.1)
-        last_error = server.log_tail()
-        server.stop()
+        os.close(fd)
+        proc = ManagedProcess(
+            [
+                python,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model_alias",
+                alias,
+                "--n_ctx",
+                str(n_ctx),
+                "--interrupt_requests",
+                "false",
+                *extra_args,
+            ],
+            log_path=Path(log_name),
+            name="llama_cpp.server",
+        )
+        proc.spawn()
+        server = LlamaServer(proc, port, alias)
+        try:
+            proc.wait_http_sync(f"{server.base_url}/models", startup_timeout, _up)
+            return server
+        except (TimeoutError, RuntimeError):
+            last_error = server.log_tail()
+            server.stop()
     raise RuntimeError(f"llama_cpp.server did not start: {last_error}")
 
 
