@@ -16,53 +16,21 @@ import time
 from pathlib import Path
 
 from .app import Bridge
-from .config import (
-    AppserviceConfig,
-    Config,
-    DatabaseConfig,
-    HomeserverConfig,
-    LoggingConfig,
-    MetricsConfig,
-    PermissionsConfig,
-)
-from .db.reply_jobs import ReplyJobStore
 from .devserver.client import HumanClient, is_edit, shown_text
-from .devserver.synapse import PrivateSynapse, free_port
+from .devserver.stack import SERVER_NAME, DevStack
 from .logs import setup_logging
-from .registration import write_registration
-
-SERVER_NAME = "hive.test"
-
-
-def demo_config(workdir: Path, hs_url: str, as_port: int) -> Config:
-    return Config(
-        homeserver=HomeserverConfig(address=hs_url, domain=SERVER_NAME),
-        appservice=AppserviceConfig(address=f"http://127.0.0.1:{as_port}", port=as_port),
-        database=DatabaseConfig(url="sqlite:hivebridge.db"),
-        data_dir=str(workdir / "bridge"),
-        permissions=PermissionsConfig(
-            owners=(f"@alice:{SERVER_NAME}",), invite_allowlist=(f"*:{SERVER_NAME}",)
-        ),
-        logging=LoggingConfig(level="WARNING"),
-        metrics=MetricsConfig(port=free_port()),
-    )
 
 
 async def run_demo(*, keep: bool = False, message: str, workdir: str | None = None) -> int:
     setup_logging("WARNING")
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hivebridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    hs_port, as_port = free_port(), free_port()
-    config = demo_config(root, f"http://127.0.0.1:{hs_port}", as_port)
-    registration = root / "registration.yaml"
-    write_registration(config, registration)
-    synapse = PrivateSynapse(
-        root / "synapse", server_name=SERVER_NAME, registrations=[registration], port=hs_port
-    )
-    bridge = Bridge(config, registration)
+    stack = DevStack(root)
+    config, synapse = stack.config, stack.synapse
+    bridge = Bridge(config, stack.registration)
     try:
         say(f"starting Synapse on {synapse.url} ...")
-        await synapse.start()
+        await stack.start()
         say("starting hivebridge ...")
         await bridge.start()
         persona_mxid = config.persona_mxid(config.default_persona.name)
@@ -76,9 +44,11 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
             asked = await alice.send_text(room, message)
             reply = await alice.wait_for(
                 room,
-                lambda e: e.get("sender") == persona_mxid
-                and e.get("type") == "m.room.message"
-                and not is_edit(e),
+                lambda e: (
+                    e.get("sender") == persona_mxid
+                    and e.get("type") == "m.room.message"
+                    and not is_edit(e)
+                ),
                 timeout=120,
             )
             first = time.monotonic() - started
@@ -108,7 +78,7 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
         return 1
     finally:
         await bridge.stop()
-        synapse.stop()
+        stack.stop()
         if not workdir and not keep:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -120,8 +90,7 @@ def say(text: str) -> None:
 
 async def _reply_done(bridge: Bridge, event_id: str, persona: str, timeout: float = 120) -> None:
     """Wait until the persona's reply job for ``event_id`` is settled (final edit sent)."""
-    assert bridge.db is not None
-    jobs = ReplyJobStore(bridge.db)
+    jobs = bridge.parts.jobs
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = await jobs.get(event_id, persona)
@@ -129,4 +98,3 @@ async def _reply_done(bridge: Bridge, event_id: str, persona: str, timeout: floa
             return
         await asyncio.sleep(0.1)
     raise TimeoutError(f"the reply to {event_id} did not finish in {timeout:.0f}s")
-
