@@ -52,7 +52,7 @@ demo: $(RUN_STAMP)
 	$(BIN)/hivebridge demo $(DEMO_ARGS)
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check hivebridge tests alembic $(wildcard bench)
+	$(BIN)/ruff check hivebridge tests $(wildcard bench)
 	$(BIN)/mypy
 
 test: lint
