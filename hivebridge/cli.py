@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .config import ConfigError, load_config
 
@@ -38,6 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_until_signalled(bridge: Coroutine[Any, Any, None]) -> None:
+    """Run ``bridge`` until it returns or SIGTERM arrives, which cancels it.
+
+    SIGTERM is how Docker, systemd and most supervisors stop a process; by
+    default it ends Python on the spot, so the bridge's own stop (close the
+    appservice, finish the database) would never run. Cancelling lets it.
+    SIGINT is asyncio.run's already (KeyboardInterrupt after the same cancel).
+    """
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await bridge
+
+    asyncio.run(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
@@ -66,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.logging.level)
         redactor.add(*load_tokens(config, args.registration), config.admin_api.token)
         config.data_path.mkdir(parents=True, exist_ok=True)
-        asyncio.run(run(config, args.registration))
+        run_until_signalled(run(config, args.registration))
     except ConfigError as e:
         print(f"hivebridge: {e}", file=sys.stderr)
         return EXIT_CONFIG
