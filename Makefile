@@ -56,7 +56,7 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	HIVEBRIDGE_LLAMA_WHEELS=$(LLAMA_WHEELS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(DEV_STAMP)
 	@for b in bench/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b | tail -n 1; done
