@@ -303,6 +303,7 @@ class ReplyService:
             await self.sender.typing(intent, msg.room_id, False)
         event_id = await stream.finish()
         if event_id is None or error:
+            metrics.REPLIES_FAILED.labels("inference_error" if error else "empty").inc()
             await self.sender.send_text(
                 intent,
                 msg.room_id,
