@@ -19,7 +19,7 @@ LLAMA_CMAKE_ARGS := -DGGML_LLAMAFILE=OFF
 LLAMA_WHEELS ?= $(HOME)/.cache/hivebridge/wheels/llama-cpp-python-$(LLAMA_VERSION)-nollamafile
 LLAMA_STAMP := $(VENV)/.installed-llama
 
-.PHONY: demo test test-fast lint bench clean help
+.PHONY: demo test test-fast lint bench clean help test-tools
 
 help:
 	@echo "make demo   - private Synapse + hivebridge + bundled model; a persona answers"
@@ -53,11 +53,25 @@ demo: $(RUN_STAMP)
 	$(BIN)/hivebridge demo $(DEMO_ARGS)
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check hivebridge tests alembic $(wildcard bench)
+	$(BIN)/ruff check hivebridge tests $(wildcard bench)
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The dashboard and alert tests run a real Prometheus and promtool: Debian's
+# prometheus package, installed here when missing (as root, with apt-get).
+test-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's prometheus package (the dashboard and alert tests need it)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+	      || { apt-get update -q >/dev/null && \
+	           apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
+	  else \
+	    echo "no prometheus/promtool: install Debian's prometheus package, or its tests skip"; \
+	  fi; }
+
+test: lint test-tools
+	HIVEBRIDGE_LLAMA_WHEELS=$(LLAMA_WHEELS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: lint
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)

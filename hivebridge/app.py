@@ -11,12 +11,14 @@ stack unwinding: it works after a failed or partial start too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.util.async_db import Database
@@ -396,30 +398,56 @@ class Bridge:
         await stack.aclose()
 
 
-async def run(config: Config, registration_path: str | Path) -> int:
-    """Run until SIGTERM or SIGINT; the exit status (non-zero when the start failed)."""
-    bridge = Bridge(config, registration_path)
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve(service: Service) -> int:
+    """Start ``service`` and run it until SIGTERM or SIGINT; returns the exit status.
+
+    SIGTERM is how Docker, systemd and most supervisors stop a process: it ends
+    a start in progress or a running service the same way, through ``stop``,
+    and exits 0. A start that fails exits non-zero with one line (a config
+    error is left to the caller, which exits 2).
+    """
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        try:
-            await bridge.start()
-        except ConfigError:
-            raise
-        except Exception as e:
-            log.debug("start failed", exc_info=True)
-            log.error("hivebridge could not start: %s", _one_line(e))
+        starting = asyncio.create_task(service.start())
+        signalled = asyncio.create_task(stopping.wait())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while starting: the start unwinds itself
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            log.info("stopped before the start completed")
+            return 0
+        error = starting.exception()
+        if isinstance(error, ConfigError):
+            signalled.cancel()
+            raise error
+        if error is not None:
+            signalled.cancel()
+            log.debug("start failed", exc_info=error)
+            log.error("hivebridge could not start: %s", _one_line(error))
             return EXIT_START_FAILED
-        await stopping.wait()
+        await signalled
         log.info("stopping")
-        await bridge.stop()
+        await service.stop()
         log.info("hivebridge stopped")
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def run(config: Config, registration_path: str | Path) -> int:
+    """The bridge as a process: :func:`serve` a :class:`Bridge`."""
+    return await serve(Bridge(config, registration_path))
 
 
 def _one_line(e: BaseException) -> str:

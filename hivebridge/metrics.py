@@ -161,6 +161,10 @@ ENDPOINT_ERROR_KINDS: frozenset[str] = frozenset(
 RATE_LIMIT_SCOPES: frozenset[str] = frozenset(
     {"user", "room", "persona", "daily_budget", "turn_cap", "global"}
 )
+#: What became of a transaction the homeserver pushed.
+TRANSACTION_OUTCOMES: frozenset[str] = frozenset({"new", "duplicate", "rejected"})
+#: Why a persona's reply ended in an error notice: the backend failed, or said nothing.
+REPLY_FAILURE_REASONS: frozenset[str] = frozenset({"inference_error", "empty"})
 
 
 def persona_label(name: object) -> str:
@@ -300,6 +304,12 @@ HOMESERVER_RATE_LIMITED = Counter(
     "HTTP 429 (M_LIMIT_EXCEEDED) answers from the homeserver.",
     registry=REGISTRY,
 )
+REPLIES_FAILED = Counter(
+    "hivebridge_replies_failed",
+    "Persona replies that ended in an error notice instead of an answer, by reason.",
+    ["reason"],  # inference_error | empty
+    registry=REGISTRY,
+)
 
 # Routing ----------------------------------------------------------------------
 
@@ -406,6 +416,27 @@ ENDPOINT_FAILOVERS = Counter(
     ["endpoint"],
     registry=REGISTRY,
 )
+
+
+def _create_known_series() -> None:
+    """Create every series of a fixed label set at 0, before anything happens.
+
+    A labelled series exists only from its first use, and Prometheus does not
+    count a series' first appearance as an increase: the first rejected
+    transaction or failed send would be invisible to rate() and to the alerts,
+    and the dashboard would show "No data" where the truth is 0.
+    """
+    for outcome in TRANSACTION_OUTCOMES:
+        MATRIX_TRANSACTIONS.labels(outcome)
+    for kind in SEND_ERROR_KINDS:
+        MATRIX_SEND_ERRORS.labels(kind)
+    for scope in RATE_LIMIT_SCOPES:
+        ROUTING_RATE_LIMITED.labels(scope)
+    for reason in REPLY_FAILURE_REASONS:
+        REPLIES_FAILED.labels(reason)
+
+
+_create_known_series()
 
 
 def render() -> tuple[bytes, str]:

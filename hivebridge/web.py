@@ -21,8 +21,8 @@ from . import metrics
 
 log = logging.getLogger("hivebridge.web")
 
-#: The OpenAPI document describing this API, relative to the repository root.
-DEFAULT_OPENAPI_PATH = Path(__file__).resolve().parent.parent / "docs" / "admin-api.openapi.yaml"
+#: The OpenAPI document describing this API; package data, so installs serve it too.
+DEFAULT_OPENAPI_PATH = Path(__file__).resolve().parent / "admin-api.openapi.yaml"
 #: Prefix of the routes that need the bearer token.
 API_PREFIX = "/api/v1"
 

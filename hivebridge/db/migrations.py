@@ -6,9 +6,8 @@ import asyncio
 import os
 from pathlib import Path
 
-from alembic.config import Config as AlembicConfig
-
 from alembic import command
+from alembic.config import Config as AlembicConfig
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -26,12 +25,17 @@ def sqlalchemy_url(url: str) -> str:
     raise ValueError(f"unsupported database URL scheme in {url.split(':', 1)[0]!r}")
 
 
+#: The alembic environment (env.py, versions/), shipped inside the package so that
+#: an installed wheel finds it as surely as a checkout does.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "alembic"
+
+
 def script_location() -> Path:
-    """The alembic/ directory: beside the package in a checkout or an image."""
+    """The alembic environment to run: the package's own, or HIVEBRIDGE_MIGRATIONS if set."""
     override = os.environ.get("HIVEBRIDGE_MIGRATIONS")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "alembic"
+    return MIGRATIONS_DIR
 
 
 def _alembic_config(url: str) -> AlembicConfig:

@@ -20,6 +20,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hivebridge_matrix_edits_sent": ("counter", ("persona",)),
     "hivebridge_matrix_send_errors": ("counter", ("kind",)),
     "hivebridge_homeserver_rate_limited": ("counter", ()),
+    "hivebridge_replies_failed": ("counter", ("reason",)),
     "hivebridge_routing_decisions": ("counter", ("answer", "reason")),
     "hivebridge_routing_pingpong_suppressed": ("counter", ("persona",)),
     "hivebridge_routing_rate_limited": ("counter", ("scope",)),

@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import os
 
+from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
 from hivebridge.db.migrations import sqlalchemy_url
 
 config = context.config
-url = (
+url: str = str(
     config.attributes.get("hivebridge_url")
     or context.get_x_argument(as_dictionary=True).get("url")
     or os.environ.get("HIVEBRIDGE_DATABASE_URL")
+    or ""
 )
 if not url:
     raise SystemExit("alembic: set HIVEBRIDGE_DATABASE_URL or pass -x url=...")

@@ -1,0 +1,48 @@
+"""SIGTERM stops the service cleanly: its stop code runs and the process exits 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+PROGRAM = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from hivebridge.app import serve
+
+    class Service:
+        async def start(self) -> None:
+            print("started", flush=True)
+            if sys.argv[1] == "while-starting":
+                os.kill(os.getpid(), signal.SIGTERM)  # as `docker stop` would
+                await asyncio.Event().wait()  # a start that takes long
+            else:
+                asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+
+        async def stop(self) -> None:
+            await asyncio.sleep(0.05)  # stopping may await (close listeners, the db)
+            print("stopped", flush=True)
+
+    code = asyncio.run(serve(Service()))
+    print("exited", code, flush=True)
+    """
+)
+
+
+def run(when: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", PROGRAM, when], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_sigterm_runs_the_stop_and_exits_zero() -> None:
+    done = run("running")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["started", "stopped", "exited", "0"]
+
+
+def test_sigterm_during_the_start_cancels_it_and_exits_zero() -> None:
+    done = run("while-starting")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["started", "exited", "0"]
