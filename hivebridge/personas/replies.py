@@ -180,6 +180,7 @@ class ReplyService:
         event_id = await stream.finish()
         model = self.model_name(stats, persona.model or "default")
         if event_id is None or error:
+            metrics.REPLIES_FAILED.labels("inference_error" if error else "empty").inc()
             error = error or "the model returned nothing"
             await self.sender.send_text(
                 intent,

@@ -231,7 +231,6 @@ async def exchange(homeserver: Homeserver, bridge: Bridge, prom: Prometheus) -> 
     to say (Prometheus does not count a series' first appearance as an increase).
     """
     persona = bridge.config.persona_mxid(bridge.config.default_persona.name)
-    assert bridge.router is not None
     async with await homeserver.human("dash") as human:
         room = await human.create_room([persona], direct=True)
         await human.wait_for_members(room, {human.user_id, persona})
@@ -248,7 +247,7 @@ async def exchange(homeserver: Homeserver, bridge: Bridge, prom: Prometheus) -> 
             )
             seen.add(reply["event_id"])
             assert not reply["content"]["body"].startswith("⚠️"), reply["content"]["body"]
-            await bridge.router.drain()
+            await bridge.parts.handler.drain()
             await prom.scraped_after(time.time())
 
 

@@ -65,9 +65,8 @@ def failed(reason: str) -> float:
 async def test_failed_replies_are_noticed_and_counted(
     homeserver: Homeserver, bridge: Bridge
 ) -> None:
-    assert bridge.router is not None
     backend = BrokenBackend()
-    bridge.router.replies.backend_for = lambda persona: backend  # type: ignore[assignment]
+    bridge.parts.replies.backend_for = lambda persona: backend  # type: ignore[assignment]
     persona = bridge.config.persona_mxid(bridge.config.default_persona.name)
     before = {reason: failed(reason) for reason in ("inference_error", "empty")}
 
@@ -86,7 +85,7 @@ async def test_failed_replies_are_noticed_and_counted(
                 timeout=60,
             )
             notices.append(notice["event_id"])
-            await bridge.router.drain()
+            await bridge.parts.handler.drain()
             body = notice["content"]["body"]
             assert body.startswith("⚠️ I could not answer"), body
             assert ("model exploded" in body) is fail, body
