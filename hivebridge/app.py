@@ -15,8 +15,9 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -25,14 +26,17 @@ from mautrix.util.async_db import Database
 
 from . import metrics
 from .admin import BridgeAdmin, engine_loads
-from .catalogue import ModelCatalogue, local_model_name, scan_local_models
+from .catalogue import ModelCatalogue
 from .commands.base import CommandTable
 from .commands.context import ContextCommands
+from .commands.local_models import LocalModelCommands
 from .commands.meta import MetaCommands
 from .commands.models import ModelCommands, resolve_key
 from .commands.personas import PersonaCommands
+from .commands.reload import ReloadCommands
 from .commands.rooms import RoomCommands
 from .commands.stats import StatsCommands
+from .commands.tools import ToolCommands
 from .commands.trust import TrustCommands
 from .config import Config, ConfigError
 from .db import open_database
@@ -43,30 +47,48 @@ from .db.personas import Persona, PersonaStore
 from .db.reply_jobs import ReplyJobStore
 from .db.rooms import RoomStore
 from .db.summaries import SummaryStore
+from .db.tool_calls import ToolCallStore
 from .db.trust import TrustStore
 from .db.txns import TxnStore
 from .db.usage import RateLimitStore, UsageStore
+from .handler.encrypted import EncryptedRoomNotices
 from .handler.handled import HandledMarks
 from .handler.membership import MembershipHandler
 from .handler.messages import MessageHandler
 from .handler.room_events import RoomEventHandler
-from .inference.bundled import bundled_model_path
+from .inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
 from .inference.hooks import InferenceHooks
-from .inference.local.engine import LocalEngine
-from .inference.local.settings import EngineSettings
+from .inference.local.models import (
+    LocalModels,
+    ModelHooks,
+    ModelSource,
+    Worker,
+    scan_sources,
+)
+from .inference.local.settings import EngineSettings, WorkerProfile
 from .inference.router import InferenceRouter
 from .inference.types import Backend
+from .logs import LogLevel
 from .matrix.intake import Intake
 from .matrix.members import RoomMembers
 from .matrix.sender import Sender
-from .permissions import Roles
+from .permissions import Roles, role_allows
 from .personas.directory import PersonaDirectory, namespace_matcher
 from .personas.history import ConversationHistory
 from .personas.lifecycle import PersonaLifecycle
 from .personas.limits import Limits
 from .personas.replies import ReplyService
 from .personas.summaries import Summarizer
+from .personas.tools import Approvals, ToolRegistry
+from .personas.tools.builtin import (
+    current_time_tool,
+    history_search_tool,
+    roll_dice_tool,
+    weather_tool,
+)
+from .personas.tools.toolbox import Toolbox
 from .registration import load_tokens
+from .reload import ConfigReloader, ReloadOutcome, TakesConfig
 from .web import WebServer
 
 log = logging.getLogger("hivebridge")
@@ -87,22 +109,112 @@ def resolve_model_path(config: Config) -> Path:
     return path
 
 
+def default_model_name(path: Path) -> str:
+    """The default model's name: the bundled model's plain name, else the file's stem."""
+    bundled = bundled_model_path()
+    if bundled is not None and path.resolve() == bundled.resolve():
+        return BUNDLED_MODEL_NAME
+    return path.name.removesuffix(".gguf")
+
+
 def engine_settings(config: Config) -> EngineSettings:
-    """The local engine's settings from config; KV snapshots live under data_dir."""
+    """The local engines' settings from config; KV snapshots live under data_dir."""
     local = config.inference.local
     return EngineSettings(
         n_ctx=local.n_ctx,
         n_seq_max=local.n_seq_max,
         kv_unified=local.kv_unified,
         threads=local.threads or None,
+        n_gpu_layers=local.n_gpu_layers,
         snapshot_dir=config.data_path / "kv-snapshots",
     )
+
+
+def model_sources(config: Config) -> Callable[[], list[ModelSource]]:
+    """What the models manager scans: the default model, the configured models, the dir."""
+    base = engine_settings(config)
+    local = config.inference.local
+    default = resolve_model_path(config)
+    explicit = [ModelSource(default_model_name(default), default, default=True)]
+    for m in local.models:
+        changes = {
+            key: value
+            for key in ("n_ctx", "n_seq_max", "kv_unified", "threads", "n_gpu_layers")
+            if (value := getattr(m, key)) is not None
+        }
+        explicit.append(ModelSource(m.name, Path(m.path), replace(base, **changes)))
+    directory = Path(local.models_dir).expanduser() if local.models_dir else None
+    return lambda: scan_sources(explicit, directory)
+
+
+def worker_profiles(config: Config) -> dict[str, WorkerProfile]:
+    return {
+        p.name: WorkerProfile(
+            p.name,
+            n_ctx=p.n_ctx,
+            threads=p.threads,
+            n_gpu_layers=p.n_gpu_layers,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            min_p=p.min_p,
+            repeat_penalty=p.repeat_penalty,
+        )
+        for p in config.inference.profiles
+    }
+
+
+def model_hooks() -> ModelHooks:
+    """Loads and unloads of local models, counted in metrics."""
+
+    def loaded(worker: Worker, seconds: float) -> None:
+        label = metrics.model_label(worker.model)
+        metrics.MODEL_LOAD_DURATION.labels(label).observe(seconds)
+        metrics.MODEL_LOADS.labels(label).inc()
+        metrics.MODEL_LOADED.labels(label).set(1)
+        metrics.MODEL_MEMORY_BYTES.labels(label).set(worker.estimate_bytes)
+        engine = worker.engine
+        metrics.MODEL_OFFLOADED_LAYERS.labels(label).set(engine.offloaded_layers if engine else 0)
+
+    def unloaded(worker: Worker) -> None:
+        label = metrics.model_label(worker.model)
+        metrics.MODEL_UNLOADS.labels(label).inc()
+        metrics.MODEL_LOADED.labels(label).set(0)
+        metrics.MODEL_MEMORY_BYTES.labels(label).set(0)
+        metrics.MODEL_OFFLOADED_LAYERS.labels(label).set(0)
+
+    return ModelHooks(loaded=loaded, unloaded=unloaded)
+
+
+def build_toolbox(config: Config, messages: MessageStore, roles: Roles) -> Toolbox:
+    """The built-in tools and the approvals of trusted users; checks tools.default."""
+    cfg = config.tools
+    registry = ToolRegistry(
+        [
+            current_time_tool(),
+            roll_dice_tool(),
+            weather_tool(cfg.weather.base_url, cfg.weather.format, cfg.weather.timeout_s),
+            history_search_tool(messages, config.routing.command_prefix),
+        ]
+    )
+    unknown = registry.unknown(cfg.default)
+    if unknown:
+        raise ConfigError(
+            "tools.default", f"no tool named {unknown[0]!r} (known: {', '.join(registry.names())})"
+        )
+    approvals = Approvals(
+        lambda mxid: role_allows(roles.role_of(mxid), "trusted"),
+        command_prefix=config.routing.command_prefix,
+    )
+    return Toolbox(cfg, registry, approvals)
 
 
 @dataclass(frozen=True, slots=True)
 class Parts:
     """Every part of a bridge, wired; only the database is open."""
 
+    #: The config the bridge started with; the one in force is ``reloader.current``.
     config: Config
     db: Database
     messages: MessageStore
@@ -112,8 +224,8 @@ class Parts:
     endpoints: EndpointStore
     intake: Intake
     members: RoomMembers
-    local: LocalEngine
-    local_name: str
+    models: LocalModels
+    default_model: str
     inference: InferenceRouter
     catalogue: ModelCatalogue
     personas: PersonaDirectory
@@ -126,17 +238,22 @@ class Parts:
     commands: CommandTable
     handler: RoomEventHandler
     admin: BridgeAdmin
+    tools: Toolbox
+    tool_calls: ToolCallStore
+    #: The config in force (``reloader.current``) and every part that takes a new one.
+    reloader: ConfigReloader
 
 
 async def build(config: Config, registration_path: Path, stack: AsyncExitStack) -> Parts:
     """Wire the bridge in dependency order; opens (and registers) the database only."""
     as_token, hs_token = load_tokens(config, registration_path)
-    model_path = resolve_model_path(config)
-    local_name = local_model_name(model_path)
-    fallback = config.inference.fallback_model
-    if fallback and fallback != local_name:
+    local_name = default_model_name(resolve_model_path(config))
+    fallback = config.inference.fallback_model or local_name
+    local_names = {local_name, *(m.name for m in config.inference.local.models)}
+    if fallback not in local_names:
         raise ConfigError(
-            "inference.fallback_model", f"only the loaded local model ({local_name}) can be it"
+            "inference.fallback_model",
+            f"must be a local model named in the config ({', '.join(sorted(local_names))})",
         )
     db = await open_database(config.database_url())
     stack.push_async_callback(db.stop)
@@ -160,30 +277,37 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
     )
     members = RoomMembers(state_store)
 
-    local = LocalEngine(model_path, engine_settings(config), model_name=local_name)
+    local = config.inference.local
+    models = LocalModels(
+        model_sources(config),
+        engine_settings(config),
+        memory_budget=local.memory_budget_bytes,
+        profiles=worker_profiles(config),
+        unload_grace_s=local.unload_grace_s,
+        hooks=model_hooks(),
+    )
     inference = InferenceRouter(
-        fallback=local,
+        fallback=models.backend(fallback),
         default_model=config.inference.default_model or local_name,
         hooks=InferenceHooks(metrics.count_endpoint_error, metrics.count_failover),
     )
-    catalogue = ModelCatalogue(
-        CatalogueStore(db),
-        inference,
-        scan_local=lambda: scan_local_models(model_path, config.inference.local.model_dirs),
-        loaded={local_name: local},
-    )
+    catalogue = ModelCatalogue(CatalogueStore(db), inference, models)
 
     def backend_for(persona: Persona) -> Backend:
-        return catalogue.backend_for(persona.model or inference.default_model or local_name)
+        ref = persona.model or inference.default_model or local_name
+        return catalogue.backend_for(ref, persona.profile)
 
     personas = PersonaDirectory(config, PersonaStore(db), intake)
     lifecycle = PersonaLifecycle(personas)
     roles = Roles(config.permissions, TrustStore(db))
+    toolbox = build_toolbox(config, messages, roles)
+    tool_calls = ToolCallStore(db)
     limits = Limits(config.limits, usage, RateLimitStore(db), roles.role_of)
-    summarizer = Summarizer(config, SummaryStore(db), local.count_tokens)
+    summarizer = Summarizer(config, SummaryStore(db), models.count_tokens)
     history = ConversationHistory(
-        config, personas, members, messages, rooms, SummaryStore(db), local.count_tokens
-    )
+        config, personas, members, messages, rooms, SummaryStore(db), models.count_tokens,
+        tool_calls,
+    )  # fmt: skip
     sender = Sender(messages)
     replies = ReplyService(
         config,
@@ -196,35 +320,79 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         summarizer,
         backend_for=backend_for,
         model_name=catalogue.model_of,
+        tools=toolbox,
+        tools_store=tool_calls,
     )
 
+    reloader = ConfigReloader(config)
     commands = CommandTable(prefix=config.routing.command_prefix)
     message_handler = MessageHandler(
         config, intake, personas, members, messages, rooms, roles, commands, sender, replies,
         limits,
     )  # fmt: skip
+    # Until personas can decrypt, encrypted rooms get a notice instead of silence.
+    encrypted = EncryptedRoomNotices(intake, personas, members, messages, sender)
     membership = MembershipHandler(
-        config.permissions, intake, personas, members, on_left=message_handler.forget_room
+        config.permissions,
+        intake,
+        personas,
+        members,
+        on_left=message_handler.forget_room,
+        on_joined=encrypted.on_joined,
     )
-    handler = RoomEventHandler(members, membership, message_handler, HandledMarks(messages))
+    handler = RoomEventHandler(
+        members,
+        membership,
+        message_handler,
+        HandledMarks(messages),
+        toolbox.approvals,
+        on_encrypted=encrypted.on_encrypted,
+    )
     RoomCommands(rooms, handler.forget_room).register(commands)
     MetaCommands(commands).register(commands)
-    PersonaCommands(personas, lifecycle).register(commands)
+    persona_commands = PersonaCommands(personas, lifecycle, toolbox)
+    persona_commands.register(commands)
+    ToolCommands(toolbox).register(commands)
     TrustCommands(roles).register(commands)
-    ContextCommands(history, rooms, messages, personas, members).register(commands)
-    ModelCommands(
+    ContextCommands(history, rooms, messages, personas, members, toolbox).register(commands)
+    model_commands = ModelCommands(
         config,
         catalogue,
         inference,
         endpoints,
         limits,
-        local.count_tokens,
+        models.count_tokens,
         config_endpoints=[e.name for e in config.endpoints],
-    ).register(commands)
+    )
+    model_commands.register(commands)
+    LocalModelCommands(config, catalogue, models).register(commands)
     StatsCommands(usage, config.bot_mxid).register(commands)
+    ReloadCommands(reloader.reload).register(commands)
+
+    def default_model(c: Config) -> None:
+        inference.default_model = c.inference.default_model or local_name
+
+    # Every part that reads settings while running takes a reloaded config; a new
+    # part (tools, profiles) registers here the same way.
+    takers: list[TakesConfig] = [roles, membership, limits, message_handler, commands, personas]
+    takers += [history, summarizer, replies, model_commands, LogLevel(config.logging.level)]
+    for part in takers:
+        reloader.register(part)
+    reloader.register_function("inference.default_model", default_model)
 
     admin = BridgeAdmin(
-        db=db, intent_of=lambda: intake.intent, catalogue=catalogue, personas=personas, usage=usage
+        db=db,
+        intent_of=lambda: intake.intent,
+        catalogue=catalogue,
+        personas=personas,
+        usage=usage,
+        commands=persona_commands,
+        rooms=rooms,
+        messages=messages,
+        members=members,
+        load_local=lambda name: models.load(name),
+        unload_local=models.unload,
+        prefix=lambda: commands.prefix,
     )
     return Parts(
         config=config,
@@ -236,8 +404,8 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         endpoints=endpoints,
         intake=intake,
         members=members,
-        local=local,
-        local_name=local_name,
+        models=models,
+        default_model=local_name,
         inference=inference,
         catalogue=catalogue,
         personas=personas,
@@ -250,6 +418,9 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         commands=commands,
         handler=handler,
         admin=admin,
+        tools=toolbox,
+        tool_calls=tool_calls,
+        reloader=reloader,
     )
 
 
@@ -257,10 +428,15 @@ class Bridge:
     """A hivebridge process: :meth:`start` builds and starts it, :meth:`stop` unwinds it."""
 
     def __init__(self, config: Config, registration_path: str | Path) -> None:
-        self.config = config
+        self._config = config
         self.registration_path = Path(registration_path)
         self._stack = AsyncExitStack()
         self._parts: Parts | None = None
+
+    @property
+    def config(self) -> Config:
+        """The config in force: the one started with, or the last one reloaded."""
+        return self._parts.reloader.current if self._parts is not None else self._config
 
     @property
     def parts(self) -> Parts:
@@ -319,26 +495,10 @@ class Bridge:
         )
 
     async def _load_local(self, p: Parts, stack: AsyncExitStack) -> None:
-        """Load the local model, recording how long it took and what it holds.
-
-        Memory is reported as the GGUF file's size (the weights' share); the KV
-        pool is sized by inference.local.n_ctx on top of it.
-        """
-        label = metrics.model_label(p.local_name)
-        started = time.monotonic()
-
-        async def unload() -> None:
-            await p.local.stop()
-            metrics.MODEL_LOADED.labels(label).set(0)
-
-        stack.push_async_callback(unload)
-        await p.local.start()
-        metrics.MODEL_LOAD_DURATION.labels(label).observe(time.monotonic() - started)
-        metrics.MODEL_LOADED.labels(label).set(1)
-        try:
-            metrics.MODEL_MEMORY_BYTES.labels(label).set(p.local.model_path.stat().st_size)
-        except OSError:
-            pass
+        """Scan the local models and load the default one (the others load on first use)."""
+        stack.push_async_callback(p.models.close)
+        await p.models.rescan()
+        await p.models.load(p.default_model)
 
     async def _start_web(self, p: Parts, stack: AsyncExitStack) -> None:
         """Metrics and health (readiness included) on the metrics listener; the admin
@@ -359,8 +519,8 @@ class Bridge:
             )
             await admin_web.start()
             stack.push_async_callback(admin_web.stop)
-        catalogue = p.catalogue
-        stack.callback(metrics.watch_engines(lambda: engine_loads(catalogue.loaded)))
+        models = p.models
+        stack.callback(metrics.watch_engines(lambda: engine_loads(models.engines())))
 
     async def unfinished(self) -> list[StoredMessage]:
         """What a crash left undone: unhandled messages and messages with pending
@@ -392,6 +552,14 @@ class Bridge:
         except Exception as e:
             log.warning("homeserver ping failed (it will retry on its own): %s", e)
 
+    async def reload(self) -> ReloadOutcome:
+        """Read the config file again (SIGHUP, ``!reload_config``); see :mod:`.reload`."""
+        if self._parts is None or not self._parts.intake.ready:
+            outcome = ReloadOutcome(False, self._config.source, error="the bridge is not running")
+            log.warning("%s", outcome.line)
+            return outcome
+        return await self._parts.reloader.reload()
+
     async def stop(self) -> None:
         """Stop whatever was started, newest first; safe after a failed start and twice."""
         stack, self._stack = self._stack, AsyncExitStack()
@@ -410,12 +578,24 @@ async def serve(service: Service) -> int:
     SIGTERM is how Docker, systemd and most supervisors stop a process: it ends
     a start in progress or a running service the same way, through ``stop``,
     and exits 0. A start that fails exits non-zero with one line (a config
-    error is left to the caller, which exits 2).
+    error is left to the caller, which exits 2). SIGHUP asks a service that
+    can :meth:`~Bridge.reload` to read its config again; reloads run one at a
+    time, and one asked for while another runs follows it.
     """
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    reloads: set[asyncio.Task[object]] = set()
+    reload = getattr(service, "reload", None)
+    if reload is not None:
+
+        def on_hup() -> None:
+            task = asyncio.create_task(_reload(reload))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         starting = asyncio.create_task(service.start())
         signalled = asyncio.create_task(stopping.wait())
@@ -441,8 +621,19 @@ async def serve(service: Service) -> int:
         log.info("hivebridge stopped")
         return 0
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        for task in list(reloads):
+            task.cancel()
+
+
+async def _reload(reload: Callable[[], Awaitable[object]]) -> object:
+    """One SIGHUP: the service logs the outcome; a failure is one line, never a crash."""
+    try:
+        return await reload()
+    except Exception as e:
+        log.error("config reload failed: %s", _one_line(e))
+        return None
 
 
 async def run(config: Config, registration_path: str | Path) -> int:

@@ -4,43 +4,21 @@ A persona's model (or ``!ask``'s) may be written as an id (``3``), an alias
 (``fast``) or a name (``smollm2``); :meth:`ModelCatalogue.resolve` turns any of them
 into the name the :class:`~hivebridge.inference.router.InferenceRouter` routes by.
 Ids and aliases live in the database (``models``, ``aliases``) so they mean the same
-model after a restart; which endpoint serves a model is the router's live knowledge.
+model after a restart; which endpoint serves a model is the router's live knowledge,
+which local files exist and which are loaded is the local models manager's.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from .db.catalogue import CatalogueStore
-from .inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
+from .inference.local.models import LocalModels, ModelFile
 from .inference.router import InferenceRouter
 from .inference.types import Backend, GenerationStats
 
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
-
-
-def local_model_name(path: Path) -> str:
-    """Catalogue name of a GGUF file: its stem, or the bundled model's plain name."""
-    bundled = bundled_model_path()
-    if bundled is not None and path.resolve() == bundled.resolve():
-        return BUNDLED_MODEL_NAME
-    return path.name.removesuffix(".gguf")
-
-
-def scan_local_models(primary: Path | None, dirs: Iterable[str | Path]) -> dict[str, Path]:
-    """The configured (or bundled) model first, then ``*.gguf`` under ``dirs``."""
-    found: dict[str, Path] = {}
-    if primary is not None:
-        found[local_model_name(primary)] = primary
-    for d in dirs:
-        root = Path(d).expanduser()
-        if root.is_dir():
-            for path in sorted(root.rglob("*.gguf")):
-                found.setdefault(local_model_name(path), path)
-    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,26 +27,23 @@ class ModelEntry:
 
     id: int
     name: str
-    local_file: str | None  # file name, when the model is a local GGUF
+    local: ModelFile | None  # the GGUF file, when the model is local
     endpoints: tuple[str, ...]  # endpoints that list it now
     loaded: bool  # local: in memory; remote: a healthy endpoint serves it
     aliases: tuple[str, ...]
+    state: str = ""  # local: loaded, loading, unloading, not loaded
+    offloaded_layers: int = 0  # local and loaded: layers on a GPU
+
+    @property
+    def local_file(self) -> str | None:
+        return self.local.path.name if self.local is not None else None
 
 
 class ModelCatalogue:
-    def __init__(
-        self,
-        store: CatalogueStore,
-        router: InferenceRouter,
-        *,
-        scan_local: Callable[[], dict[str, Path]],
-        loaded: dict[str, Backend],
-    ) -> None:
+    def __init__(self, store: CatalogueStore, router: InferenceRouter, local: LocalModels) -> None:
         self.store = store
         self.router = router
-        self._scan_local = scan_local
-        self.loaded = dict(loaded)  # local model name -> backend in memory
-        self.local_files: dict[str, Path] = {}
+        self.local = local
         self._ids: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._aliases: dict[str, int] = {}
@@ -76,12 +51,10 @@ class ModelCatalogue:
     # --- loading and discovery -------------------------------------------------------
 
     async def load(self) -> None:
-        """Read ids and aliases, scan local files, and number every model now known."""
+        """Read ids and aliases, route the scanned local models, number every known model."""
         for row in await self.store.models():
             self._remember(row.name, row.id)
-        for name, backend in self.loaded.items():
-            self.router.set_local(name, backend)
-        self.local_files = self._scan_local()
+        self._route_local()
         await self.sync()
         for alias in await self.store.aliases():
             self._aliases[alias.alias] = alias.model_id
@@ -89,16 +62,26 @@ class ModelCatalogue:
             if target is not None:
                 self.router.set_alias(alias.alias, target)
 
+    def _route_local(self) -> None:
+        """Every local file answers its name through the router (loaded on first use)."""
+        files = {f.name for f in self.local.files()}
+        for name in list(self.router.local_models()):
+            if name not in files:
+                self.router.remove_local(name)
+        for name in files:
+            self.router.set_local(name, self.local.backend(name))
+
     async def discover(self) -> dict[str, str | None]:
         """Rescan local files and ask every endpoint for its models; name -> error or None."""
-        self.local_files = self._scan_local()
+        await self.local.rescan()
+        self._route_local()
         errors = await self.router.refresh()
         await self.sync()
         return errors
 
     async def sync(self) -> None:
         """Give an id to every model name the router or the local scan knows of."""
-        names = [*self.local_files, *self.loaded]
+        names = [f.name for f in self.local.files()]
         for info in self.router.endpoints():
             names.extend(info.models)
         for name in names:
@@ -134,14 +117,22 @@ class ModelCatalogue:
 
     def model_of(self, stats: GenerationStats, default: str) -> str:
         """Catalogue name of the model that answered (a local backend has its own names)."""
-        for name, backend in self.loaded.items():
-            if backend.name == stats.backend:
+        if stats.backend.startswith("local:"):
+            name = stats.backend.removeprefix("local:")
+            if self.local.file(name) is not None:
                 return name
         return stats.model or default
 
-    def backend_for(self, ref: str) -> Backend:
-        """A backend for a persona's model; an unknown ref still routes (to the fallback)."""
-        return self.router.for_model(self.resolve(ref) or ref)
+    def backend_for(self, ref: str, profile: str | None = None) -> Backend:
+        """A backend for a persona's model; an unknown ref still routes (to the fallback).
+
+        A local model on a profile with an engine of its own is served by that engine.
+        """
+        name = self.resolve(ref) or ref
+        local = None
+        if profile and self.local.file(name) is not None and self.local.engine_profile(profile):
+            local = self.local.backend(name, profile)
+        return self.router.for_model(name, local=local)
 
     def entries(self) -> list[ModelEntry]:
         serving: dict[str, list[str]] = {}
@@ -154,17 +145,22 @@ class ModelCatalogue:
         aliases: dict[int, list[str]] = {}
         for alias, model_id in sorted(self._aliases.items()):
             aliases.setdefault(model_id, []).append(alias)
+        engines = self.local.engines()
         out = []
         for model_id, name in sorted(self._names.items()):
-            path = self.local_files.get(name)
+            file = self.local.file(name)
+            state = str(self.local.state(name)) if file is not None else ""
+            engine = engines.get(name)
             out.append(
                 ModelEntry(
                     id=model_id,
                     name=name,
-                    local_file=path.name if path is not None else None,
+                    local=file,
                     endpoints=tuple(serving.get(name, ())),
-                    loaded=name in self.loaded or name in healthy,
+                    loaded=state == "loaded" or name in healthy,
                     aliases=tuple(aliases.get(model_id, ())),
+                    state=state,
+                    offloaded_layers=engine.offloaded_layers if engine is not None else 0,
                 )
             )
         return out

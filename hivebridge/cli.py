@@ -1,4 +1,5 @@
-"""Command line: run the bridge, generate its registration, migrate, or run the demo."""
+"""Command line: run the bridge, generate its registration, migrate, run the demo, or
+talk to a running bridge (``personas``, ``rooms``, ``stats``, ``backfill``: console.py)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep everything running")
     demo.add_argument("--message", default="Hello! Who are you?", help="what the human says")
     demo.add_argument("--dir", default=None, help="working directory (default: a temp dir)")
+    from .console import add_verbs
+
+    add_verbs(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .console import VERBS
+
+    if args.command in VERBS:
+        from .console import run as run_console
+
+        return run_console(args)
     if args.command == "demo":
         from .demo import run_demo
 

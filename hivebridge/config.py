@@ -143,14 +143,63 @@ class PersonaConfig:
             )
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of ``512MiB``, ``6 GiB``, ``2GB`` or a plain number of bytes; ValueError else."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(text)
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit else 0
+    return int(number * (base**power if unit != "B" else 1))
+
+
+@dataclass(frozen=True)
+class LocalModelConfig:
+    """A local model by name, with engine settings of its own (unset keys: the defaults)."""
+
+    name: str
+    #: The GGUF file.
+    path: str
+    n_ctx: int | None = None
+    n_seq_max: int | None = None
+    kv_unified: bool | None = None
+    threads: int | None = None
+    #: Layers offloaded to a GPU (-1 all); a CPU-only llama.cpp build offloads none.
+    n_gpu_layers: int | None = None
+
+    def validate(self, where: str) -> None:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", self.name):
+            raise ConfigError(
+                f"{where}.name", "use 1-64 of A-Z a-z 0-9 _ . : - (not starting with one)"
+            )
+        if not Path(self.path).is_file():
+            raise ConfigError(f"{where}.path", f"no such file: {self.path}")
+        if self.n_ctx is not None and self.n_ctx < 256:
+            raise ConfigError(f"{where}.n_ctx", "must be at least 256")
+
+
 @dataclass(frozen=True)
 class LocalInferenceConfig:
-    """The in-process llama.cpp engine."""
+    """The in-process llama.cpp engines: which models, their settings, their memory."""
 
-    #: A GGUF file; empty means the bundled SmolLM2-135M-Instruct.
+    #: The default local model (the fallback); empty means the bundled SmolLM2-135M-Instruct.
     model_path: str | None = None
-    #: Extra directories scanned for ``*.gguf`` files.
-    model_dirs: tuple[str, ...] = ()
+    #: A directory scanned for ``*.gguf`` files (at start and by !reload_models); each
+    #: file is a model named after it, loaded on first use.
+    models_dir: str | None = None
+    #: Models by name with settings of their own (paths anywhere).
+    models: tuple[LocalModelConfig, ...] = ()
+    #: Memory for loaded models, weights plus KV pools ("6GiB", "512MiB"); loading past
+    #: it unloads the least recently used idle model first. Empty: no limit.
+    memory_budget: str | None = None
+    #: Seconds a model's running replies get to finish when it is unloaded (!unload,
+    #: or to make room); then they are cancelled.
+    unload_grace_s: float = 10.0
     #: Total KV cache in tokens. Partitioned (the default): each of the n_seq_max
     #: sequences gets n_ctx / n_seq_max of it, the most one room's prompt + reply
     #: can use. Unified: one pool shared by all sequences.
@@ -163,10 +212,36 @@ class LocalInferenceConfig:
     kv_unified: bool = False
     #: Decode threads; 0 means one per usable core, never more.
     threads: int = 0
+    #: Layers offloaded to a GPU (-1 all) for models without their own setting.
+    n_gpu_layers: int = 0
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return parse_size(self.memory_budget) if self.memory_budget else None
 
     def validate(self) -> None:
         if self.model_path is not None and not Path(self.model_path).is_file():
             raise ConfigError("inference.local.model_path", f"no such file: {self.model_path}")
+        if self.models_dir is not None and not Path(self.models_dir).expanduser().is_dir():
+            raise ConfigError("inference.local.models_dir", f"no such directory: {self.models_dir}")
+        seen: set[str] = set()
+        for i, model in enumerate(self.models):
+            model.validate(f"inference.local.models[{i}]")
+            if model.name in seen:
+                raise ConfigError(
+                    f"inference.local.models[{i}].name", f"{model.name!r} is used twice"
+                )
+            seen.add(model.name)
+        if self.memory_budget:
+            try:
+                if parse_size(self.memory_budget) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(
+                    "inference.local.memory_budget", "must be a size such as 6GiB or 512MiB"
+                ) from None
+        if self.unload_grace_s < 0:
+            raise ConfigError("inference.local.unload_grace_s", "must not be negative")
         if self.n_ctx < 256:
             raise ConfigError("inference.local.n_ctx", "must be at least 256")
         if not 1 <= self.n_seq_max <= 256:
@@ -179,6 +254,43 @@ class LocalInferenceConfig:
             )
         if self.threads < 0:
             raise ConfigError("inference.local.threads", "must be 0 (auto) or more")
+
+
+_PROFILE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A worker profile: how a persona on it samples, how much history it sees, and
+    (optionally) an engine of its own for the model (a longer context, more threads)."""
+
+    name: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    max_tokens: int | None = None
+    #: Tokens of conversation history in a prompt (inference.context_tokens if unset).
+    context_tokens: int | None = None
+    #: Engine settings: a profile that sets any of these runs its own engine of the model.
+    n_ctx: int | None = None
+    threads: int | None = None
+    n_gpu_layers: int | None = None
+
+    def validate(self, where: str) -> None:
+        if not _PROFILE_NAME_RE.match(self.name):
+            raise ConfigError(f"{where}.name", "use 1-32 of a-z 0-9 _ . - (starting a-z 0-9)")
+        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError(f"{where}.temperature", "must be between 0 and 2")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{where}.top_p", "must be in (0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"{where}.max_tokens", "must be at least 1")
+        if self.context_tokens is not None and self.context_tokens < 64:
+            raise ConfigError(f"{where}.context_tokens", "must be at least 64")
+        if self.n_ctx is not None and self.n_ctx < 256:
+            raise ConfigError(f"{where}.n_ctx", "must be at least 256")
 
 
 @dataclass(frozen=True)
@@ -194,9 +306,14 @@ class InferenceConfig:
     top_p: float = 0.95
     #: Tokens of conversation history put into a prompt.
     context_tokens: int = 1536
-    #: Local model that answers when no endpoint can; empty means the loaded local model.
+    #: Local model that answers when no endpoint can; empty means the default local model.
     fallback_model: str | None = None
     local: LocalInferenceConfig = field(default_factory=LocalInferenceConfig)
+    #: Worker profiles personas can be put on (!persona set X profile NAME).
+    profiles: tuple[ProfileConfig, ...] = ()
+
+    def profile(self, name: str | None) -> ProfileConfig | None:
+        return next((p for p in self.profiles if p.name == name), None) if name else None
 
     def validate(self) -> None:
         if not 1 <= self.max_tokens <= self.max_tokens_limit:
@@ -208,6 +325,14 @@ class InferenceConfig:
         if self.context_tokens < 64:
             raise ConfigError("inference.context_tokens", "must be at least 64")
         self.local.validate()
+        seen: set[str] = set()
+        for i, profile in enumerate(self.profiles):
+            profile.validate(f"inference.profiles[{i}]")
+            if profile.name in seen:
+                raise ConfigError(
+                    f"inference.profiles[{i}].name", f"{profile.name!r} is used twice"
+                )
+            seen.add(profile.name)
 
 
 _ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
@@ -353,6 +478,54 @@ class SummariesConfig:
 
 
 @dataclass(frozen=True)
+class WeatherToolConfig:
+    """The weather service get_weather asks: ``GET {base_url}/{place}?format={format}``,
+    one line of text back (wttr.in's format= API)."""
+
+    base_url: str = "https://wttr.in"
+    #: wttr.in's format codes: %l place, %C condition, %t temperature, %w wind, %h humidity.
+    format: str = "%l: %C, %t, wind %w, humidity %h"
+    timeout_s: float = 8.0
+
+    def validate(self) -> None:
+        if not re.match(r"^https?://[^\s/]+", self.base_url):
+            raise ConfigError("tools.weather.base_url", "must start with http:// or https://")
+        if not self.format.strip():
+            raise ConfigError("tools.weather.format", "must not be empty")
+        if not 0 < self.timeout_s <= 120:
+            raise ConfigError("tools.weather.timeout_s", "must be in (0, 120]")
+
+
+@dataclass(frozen=True)
+class ToolsConfig:
+    """Tools personas may call (docs/tools.md): which by default, and the limits."""
+
+    #: Tools of a persona without a list of its own (!persona set NAME tools …).
+    #: Built in: current_time, get_weather, roll_dice, room_history_search.
+    default: tuple[str, ...] = ()
+    #: Tool rounds per reply; after that the persona must answer with what it has.
+    max_hops: int = 3
+    #: Seconds one call may take (a tool may set its own).
+    timeout_s: float = 10.0
+    #: Seconds a tool with side effects waits for a trusted user's approval.
+    approval_timeout_s: float = 120.0
+    #: A longer result is cut before the model sees it.
+    max_result_chars: int = 1500
+    weather: WeatherToolConfig = field(default_factory=WeatherToolConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.max_hops <= 10:
+            raise ConfigError("tools.max_hops", "must be between 0 and 10")
+        if not 0 < self.timeout_s <= 300:
+            raise ConfigError("tools.timeout_s", "must be in (0, 300]")
+        if not 1 <= self.approval_timeout_s <= 3600:
+            raise ConfigError("tools.approval_timeout_s", "must be between 1 and 3600")
+        if not 100 <= self.max_result_chars <= 20000:
+            raise ConfigError("tools.max_result_chars", "must be between 100 and 20000")
+        self.weather.validate()
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus /metrics and the liveness probe."""
 
@@ -409,6 +582,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     replies: RepliesConfig = field(default_factory=RepliesConfig)
     summaries: SummariesConfig = field(default_factory=SummariesConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,7 +1,11 @@
 """``hivebridge demo``: a private Synapse, the bridge, and a human who says hello.
 
-Everything runs on 127.0.0.1 in a temporary directory; everything started is
-stopped again unless ``--keep`` is given.
+Alice asks the default persona one question in a direct chat; then, in a
+group room with the bot, she spawns a second persona with ``!persona spawn``
+and asks both at once, and both answer. Everything runs on 127.0.0.1 in a
+temporary directory; everything started is stopped again unless ``--keep``
+is given. The transcripts go to stdout, progress and what to look at next to
+stderr.
 """
 
 from __future__ import annotations
@@ -16,9 +20,19 @@ import time
 from pathlib import Path
 
 from .app import Bridge
-from .devserver.client import HumanClient, is_edit, shown_text
+from .devserver.client import Event, HumanClient, is_edit, shown_text
 from .devserver.stack import SERVER_NAME, DevStack
 from .logs import setup_logging
+from .matrix.content import ANSWERS_KEY
+
+#: The group room's alias, the persona alice spawns there and the command she types.
+GROUP_ALIAS = f"#hive:{SERVER_NAME}"
+SECOND = "poet"
+SPAWN = (
+    '!persona spawn poet --display Poet --prompt "You are a poet. Answer in two short lines." '
+    f"--room {GROUP_ALIAS}"
+)
+GROUP_QUESTION = "Assistant and Poet, what do you like about the sea?"
 
 
 async def run_demo(*, keep: bool = False, message: str, workdir: str | None = None) -> int:
@@ -61,16 +75,28 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
             print("--- end ---")
             say(
                 f"first text after {first:.2f}s, whole reply after {done:.2f}s, "
-                "from the local model through Synapse"
+                "from the local model through Synapse\n"
             )
+            group = await _group_room(bridge, alice)
+            metrics_url = f"http://{config.metrics.hostname}:{config.metrics.port}/metrics"
             if keep:
                 say(
                     f"\nkept running: homeserver {synapse.url} (server name {SERVER_NAME})\n"
-                    f"log in as alice / hunter2-hive with Element (custom homeserver), "
-                    f"room {room}\nCtrl-C stops everything."
+                    f"log in as alice / hunter2-hive with Element (custom homeserver): "
+                    f"the direct chat is {room}, the group room {GROUP_ALIAS} ({group})\n"
+                    f"metrics: {metrics_url}\nCtrl-C stops everything."
                 )
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.Event().wait()
+            else:
+                say(
+                    "\nwhere to look next:\n"
+                    "  make demo DEMO_ARGS=--keep  keeps it all running: talk to the personas "
+                    "from Element (log in as alice / hunter2-hive)\n"
+                    f"  {metrics_url}  this run's metrics, while it runs (with --keep)\n"
+                    "  !help in a room, docs/commands.md  every command; docs/operations.md  "
+                    "reload, the admin CLI, metrics"
+                )
         return 0
     except Exception as e:
         logging.getLogger("hivebridge.demo").debug("demo failed", exc_info=True)
@@ -81,6 +107,55 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
         stack.stop()
         if not workdir and not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+async def _group_room(bridge: Bridge, alice: HumanClient) -> str:
+    """A group room: alice spawns a second persona with a command, then asks both."""
+    config = bridge.config
+    bot, assistant = config.bot_mxid, config.persona_mxid(config.default_persona.name)
+    poet = config.persona_mxid(SECOND)
+    room = await alice.create_room([bot, assistant], name="The hive", alias="hive")
+    await alice.wait_for_members(room, {alice.user_id, bot, assistant})
+    say(f"alice opened a group room, {GROUP_ALIAS}, with the bot and {assistant}\n")
+    print("--- group room ---")
+    print(f"<alice> {SPAWN}")
+    await alice.send_text(room, SPAWN)
+    spawned = await alice.wait_for(
+        room, lambda e: e.get("sender") == bot and "Spawned" in _body(e), timeout=60
+    )
+    print(f"<{config.appservice.bot_displayname}> {_body(spawned)}")
+    await alice.wait_for_members(room, {poet})
+    print(f"<alice> {GROUP_QUESTION}")
+    started = time.monotonic()
+    asked = await alice.send_text(
+        room, GROUP_QUESTION, **{"m.mentions": {"user_ids": [assistant, poet]}}
+    )
+    names = {assistant: config.default_persona.displayname, poet: "Poet"}
+    replies = {}
+    for mxid in names:
+        replies[mxid] = await alice.wait_for(room, _answer(mxid, asked), timeout=120)
+    for persona in (config.default_persona.name, SECOND):
+        await _reply_done(bridge, asked, persona)
+    await alice.sync_once(timeout_ms=0)
+    for mxid, reply in sorted(replies.items(), key=lambda r: int(r[1]["origin_server_ts"])):
+        print(f"<{names[mxid]}> {shown_text(alice.timeline.get(room, []), reply['event_id'])}")
+    print("--- end ---")
+    say(f"both answered in {time.monotonic() - started:.2f}s")
+    return room
+
+
+def _body(event: Event) -> str:
+    return str(event.get("content", {}).get("body", ""))
+
+
+def _answer(sender: str, asked: str):  # type: ignore[no-untyped-def]
+    """Matches ``sender``'s reply to ``asked`` (its first message, not an edit)."""
+    return lambda e: (
+        e.get("sender") == sender
+        and e.get("type") == "m.room.message"
+        and not is_edit(e)
+        and e.get("content", {}).get(ANSWERS_KEY) == asked
+    )
 
 
 def say(text: str) -> None:

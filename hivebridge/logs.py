@@ -6,6 +6,8 @@ import logging
 import sys
 from collections.abc import Iterable
 
+from .config import Config
+
 #: LogRecord attributes that carry context worth printing.
 CONTEXT_KEYS = ("room_id", "persona", "event_id", "model", "txn_id")
 
@@ -50,7 +52,27 @@ def setup_logging(level: str = "INFO") -> None:
     handler.addFilter(redactor)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    set_level(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    """The process's log level (at start, and again on a config reload)."""
+    root = logging.getLogger()
     root.setLevel(level.upper())
     # mautrix logs request URLs, which carry user ids and access tokens at DEBUG.
     logging.getLogger("mau").setLevel(max(logging.INFO, root.level))
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class LogLevel:
+    """The log level as a part of a config reload: set again only when it changed, so a
+    process that set its own level (a test, the demo) keeps it otherwise."""
+
+    def __init__(self, level: str) -> None:
+        self.level = level.upper()
+
+    async def apply_config(self, config: Config) -> None:
+        level = config.logging.level.upper()
+        if level != self.level:
+            set_level(level)
+            self.level = level

@@ -165,6 +165,8 @@ RATE_LIMIT_SCOPES: frozenset[str] = frozenset(
 TRANSACTION_OUTCOMES: frozenset[str] = frozenset({"new", "duplicate", "rejected"})
 #: Why a persona's reply ended in an error notice: the backend failed, or said nothing.
 REPLY_FAILURE_REASONS: frozenset[str] = frozenset({"inference_error", "empty"})
+#: What made a persona (or the bot) say it cannot read an encrypted room.
+ENCRYPTED_NOTICE_TRIGGERS: frozenset[str] = frozenset({"message", "join"})
 
 
 def persona_label(name: object) -> str:
@@ -311,6 +313,18 @@ REPLIES_FAILED = Counter(
     registry=REGISTRY,
 )
 
+ENCRYPTED_UNANSWERED = Counter(
+    "hivebridge_encrypted_messages_unanswered",
+    "Encrypted messages addressed to a persona (or in a DM with one) that it could not read.",
+    registry=REGISTRY,
+)
+ENCRYPTED_NOTICES = Counter(
+    "hivebridge_encrypted_room_notices",
+    "Notices saying a persona or the bot cannot read an encrypted room (once per room each).",
+    ["trigger"],  # message | join
+    registry=REGISTRY,
+)
+
 # Routing ----------------------------------------------------------------------
 
 ROUTING_DECISIONS = Counter(
@@ -398,6 +412,24 @@ MODEL_LOADED = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+MODEL_LOADS = Counter(
+    "hivebridge_model_loads",
+    "Local models loaded (at start, on first use, or with !load / the admin API).",
+    ["model"],
+    registry=REGISTRY,
+)
+MODEL_UNLOADS = Counter(
+    "hivebridge_model_unloads",
+    "Local models unloaded (!unload, the admin API, the memory budget, a changed file).",
+    ["model"],
+    registry=REGISTRY,
+)
+MODEL_OFFLOADED_LAYERS = Gauge(
+    "hivebridge_model_offloaded_layers",
+    "Layers of a loaded model on a GPU (0 on a CPU-only build).",
+    ["model"],
+    registry=REGISTRY,
+)
 MODEL_MEMORY_BYTES = Gauge(
     "hivebridge_model_memory_bytes",
     "Memory held by a loaded model: weights plus KV cache and compute buffers.",
@@ -418,6 +450,28 @@ ENDPOINT_FAILOVERS = Counter(
 )
 
 
+# Tools ------------------------------------------------------------------------
+
+#: What became of a tool call (personas/tools/runner.py).
+TOOL_OUTCOMES: frozenset[str] = frozenset(
+    {"ok", "error", "timeout", "invalid", "unknown", "denied"}
+)
+TOOL_CALLS = Counter(
+    "hivebridge_tool_calls",
+    "Tool calls made by personas, by tool and outcome (ok, error, timeout, invalid, "
+    "unknown, denied).",
+    ["tool", "outcome"],
+    registry=REGISTRY,
+)
+TOOL_DURATION = Histogram(
+    "hivebridge_tool_duration_seconds",
+    "Wall time of tool calls (approval waits included), per tool.",
+    ["tool"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
 def _create_known_series() -> None:
     """Create every series of a fixed label set at 0, before anything happens.
 
@@ -434,6 +488,8 @@ def _create_known_series() -> None:
         ROUTING_RATE_LIMITED.labels(scope)
     for reason in REPLY_FAILURE_REASONS:
         REPLIES_FAILED.labels(reason)
+    for trigger in ENCRYPTED_NOTICE_TRIGGERS:
+        ENCRYPTED_NOTICES.labels(trigger)
 
 
 _create_known_series()

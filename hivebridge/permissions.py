@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from .config import PermissionsConfig
+from .config import Config, PermissionsConfig
 from .db.trust import TrustStore
 
 Role = Literal["user", "trusted", "owner"]
@@ -44,6 +44,10 @@ class Roles:
 
     async def load(self) -> None:
         self._granted = await self.store.all()
+
+    async def apply_config(self, config: Config) -> None:
+        """Owners and trusted patterns of a reloaded config; stored trust stays."""
+        self.permissions = config.permissions
 
     def role_of(self, mxid: str) -> Role:
         if matches(mxid, self.permissions.owners):

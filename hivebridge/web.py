@@ -56,6 +56,16 @@ class AdminProvider(Protocol):
 
     async def list_personas(self) -> list[dict[str, Any]]: ...
 
+    async def persona(self, name: str) -> dict[str, Any]: ...
+
+    async def spawn_persona(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def despawn_persona(self, name: str) -> dict[str, Any]: ...
+
+    async def list_rooms(self) -> list[dict[str, Any]]: ...
+
+    async def backfill(self, room: str, limit: int | None) -> dict[str, Any]: ...
+
     async def stats(self) -> dict[str, Any]: ...
 
 
@@ -127,6 +137,11 @@ class WebServer:
             add("POST", f"{API_PREFIX}/models/{{name}}/load", self._auth(self.load_model))
             add("POST", f"{API_PREFIX}/models/{{name}}/unload", self._auth(self.unload_model))
             add("GET", f"{API_PREFIX}/personas", self._auth(self.list_personas))
+            add("POST", f"{API_PREFIX}/personas", self._auth(self.spawn_persona))
+            add("GET", f"{API_PREFIX}/personas/{{name}}", self._auth(self.persona))
+            add("DELETE", f"{API_PREFIX}/personas/{{name}}", self._auth(self.despawn_persona))
+            add("GET", f"{API_PREFIX}/rooms", self._auth(self.list_rooms))
+            add("POST", f"{API_PREFIX}/rooms/{{room}}/backfill", self._auth(self.backfill))
             add("GET", f"{API_PREFIX}/stats", self._auth(self.stats))
             add("GET", f"{API_PREFIX}/openapi.yaml", self.openapi)
         return app
@@ -209,6 +224,26 @@ class WebServer:
     async def list_personas(self, request: web.Request) -> web.Response:
         return _json({"personas": await self._need_provider().list_personas()})
 
+    async def persona(self, request: web.Request) -> web.Response:
+        return _json(await self._need_provider().persona(request.match_info["name"]))
+
+    async def spawn_persona(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        return _json(await self._need_provider().spawn_persona(body), 201)
+
+    async def despawn_persona(self, request: web.Request) -> web.Response:
+        return _json(await self._need_provider().despawn_persona(request.match_info["name"]))
+
+    async def list_rooms(self, request: web.Request) -> web.Response:
+        return _json({"rooms": await self._need_provider().list_rooms()})
+
+    async def backfill(self, request: web.Request) -> web.Response:
+        body = await _body(request, empty_ok=True)
+        limit = body.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise AdminError(400, "limit must be a whole number")
+        return _json(await self._need_provider().backfill(request.match_info["room"], limit))
+
     async def stats(self, request: web.Request) -> web.Response:
         return _json(await self._need_provider().stats())
 
@@ -219,6 +254,19 @@ class WebServer:
         except OSError:
             return _error(404, "API description not installed")
         return web.Response(text=text, content_type="application/yaml")
+
+
+async def _body(request: web.Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request's JSON object; 400 for anything else (an empty body is ``{}`` if allowed)."""
+    if empty_ok and not await request.read():
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdminError(400, "the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "the body must be a JSON object")
+    return body
 
 
 async def _safe_check(check: Callable[[], Awaitable[bool]]) -> bool:

@@ -9,6 +9,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,11 @@ def sqlite_url(tmp_path: object) -> Iterator[str]:
 def db_url(request: pytest.FixtureRequest) -> str:
     """Runs a test once on SQLite and once on PostgreSQL."""
     return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture(scope="session")
+def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second real local model (the bundled one re-quantised to Q8_0), made once."""
+    from tests.support.models import quantized_copy
+
+    return quantized_copy(tmp_path_factory.mktemp("models") / "smollm2-q8.gguf")

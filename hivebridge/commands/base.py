@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
+from ..config import Config
 from ..permissions import Role, role_allows
 from .parser import CommandError, CommandSpec, ParsedCommand, format_help, parse
 
@@ -30,8 +32,16 @@ class CommandContext:
 Handler = Callable[[CommandContext, ParsedCommand], Awaitable[None]]
 
 
+#: What went wrong, for a caller outside a room (the admin API answers a status for it).
+ErrorKind = Literal["invalid", "not_found", "conflict", "failed"]
+
+
 class UserError(Exception):
     """A problem with what the user asked; its text is the whole reply."""
+
+    def __init__(self, message: str, kind: ErrorKind = "invalid") -> None:
+        super().__init__(message)
+        self.kind: ErrorKind = kind
 
 
 @dataclass
@@ -45,6 +55,10 @@ class CommandTable:
     def add(self, spec: CommandSpec, handler: Handler) -> None:
         self.specs[spec.name] = spec
         self.handlers[spec.name] = handler
+
+    async def apply_config(self, config: Config) -> None:
+        """A reloaded command prefix holds from the next message."""
+        self.prefix = config.routing.command_prefix
 
     def help_for(self, role: Role) -> str:
         return format_help(list(self.specs.values()), self.prefix, role)

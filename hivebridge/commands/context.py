@@ -15,9 +15,11 @@ from ..conversation import rollback
 from ..db.messages import MessageStore
 from ..db.personas import Persona
 from ..db.rooms import RoomStore
+from ..inference.envelope import tool_instructions
 from ..matrix.members import RoomMembers
 from ..personas.directory import PersonaDirectory
 from ..personas.history import ConversationHistory
+from ..personas.tools.toolbox import Toolbox
 from .base import CommandContext, CommandTable, UserError
 from .parser import CommandSpec, ParsedCommand, normalize_persona_name
 
@@ -46,7 +48,9 @@ class ContextCommands:
         messages: MessageStore,
         personas: PersonaDirectory,
         members: RoomMembers,
+        toolbox: Toolbox | None = None,
     ) -> None:
+        self.toolbox = toolbox
         self.history = history
         self.rooms = rooms
         self.messages = messages
@@ -106,6 +110,13 @@ class ContextCommands:
             + ("" if chapter.summary else " (no summary yet)"),
             f"• turns: {prompt.turns_tokens} ({prompt.turns_included} messages)",
         ]
+        if self.toolbox is not None and (specs := self.toolbox.specs_for(persona)):
+            used = sum(len(t.tools) for t in prompt.included)
+            lines.append(
+                f"• tools: {', '.join(t.name for t in specs)} "
+                f"(~{self.history.count_tokens(tool_instructions(specs))} tokens of "
+                f"instructions for the local model); {used} earlier tool calls in the turns"
+            )
         if prompt.turns_dropped:
             lines.append(
                 f"• left out: {prompt.turns_dropped} older messages ({prompt.dropped_tokens} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -10,7 +11,7 @@ from collections.abc import Callable, Collection, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import metrics
-from ..catalogue import ModelCatalogue
+from ..catalogue import ModelCatalogue, ModelEntry
 from ..config import Config
 from ..db.endpoints import EndpointStore, StoredEndpoint
 from ..inference.endpoints import EndpointInfo
@@ -67,8 +68,34 @@ class ModelCommands:
         self.limits = limits
         self.count_tokens = count_tokens
         self.config_endpoints = set(config_endpoints)
+        self._table: CommandTable | None = None
+
+    async def apply_config(self, config: Config) -> None:
+        """A reloaded config's endpoints at once (added, changed, removed) and its
+        sampling limits from the next ``!ask``. Endpoints added with !add_endpoint stay."""
+        old = {e.name: e for e in self.config.endpoints}
+        new = {e.name: e for e in config.endpoints}
+        self.config = config
+        self.config_endpoints = set(new)
+        if self._table is not None:
+            self.register(self._table)  # !ask's max_tokens bound comes from the config
+        gone = [name for name in old if name not in new]
+        for name in gone:
+            await self.router.remove_endpoint(name)
+        changed = [
+            e
+            for name, e in new.items()
+            if name not in old
+            or (e.url, e.resolved_key()) != (old[name].url, old[name].resolved_key())
+        ]
+        await asyncio.gather(
+            *(self.router.add_endpoint(e.name, e.url, e.resolved_key()) for e in changed)
+        )
+        if gone or changed:
+            await self.catalogue.sync()
 
     def register(self, table: CommandTable) -> None:
+        self._table = table
         limit = self.config.inference.max_tokens_limit
         table.add(
             CommandSpec(
@@ -207,18 +234,7 @@ class ModelCommands:
         if not entries:
             await ctx.reply("No models known yet.")
             return
-        lines = []
-        for e in entries:
-            sources = []
-            if e.local_file:
-                sources.append(f"local file {e.local_file}")
-            if e.endpoints:
-                sources.append("endpoint " + ", ".join(e.endpoints))
-            where = "; ".join(sources) or "no source now"
-            state = "loaded" if e.loaded else "not loaded"
-            alias = f" — aliases: {', '.join(e.aliases)}" if e.aliases else ""
-            lines.append(f"{e.id}. {e.name} — {where} — {state}{alias}")
-        await ctx.reply("Models:\n" + "\n".join(lines))
+        await ctx.reply("Models:\n" + "\n".join(model_line(e) for e in entries))
 
     async def reload_models(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         started = time.monotonic()
@@ -230,6 +246,9 @@ class ModelCommands:
             f"Reloaded in {time.monotonic() - started:.1f}s: {local} local, {remote} remote "
             f"model(s); {len(entries)} in the catalogue."
         )
+        unusable = [f"{n}: {p}" for n, p in self.catalogue.local.problems().items()]
+        if unusable:
+            text += "\nNot usable: " + "; ".join(unusable)
         failed = [f"{n}: {err}" for n, err in errors.items() if err]
         if failed:
             text += "\nUnreachable: " + "; ".join(failed)
@@ -324,6 +343,28 @@ class ModelCommands:
         if not await self.catalogue.remove_alias(alias):
             raise UserError(f"No alias {alias[:40]!r}; {ctx.prefix}aliases lists them.")
         await ctx.reply(f"Alias {alias} removed.")
+
+
+def model_line(e: ModelEntry) -> str:
+    """One line of ``!models``: id, name, where it comes from, its state, its aliases."""
+    sources = []
+    if e.local is not None:
+        f = e.local
+        sources.append(
+            f"local file {f.path.name} ({f.size_bytes / 2**20:.0f} MiB, {f.quantization}, "
+            f"{f.context_length:,}-token context)"
+        )
+    if e.endpoints:
+        sources.append("endpoint " + ", ".join(e.endpoints))
+    where = "; ".join(sources) or "no source now"
+    if e.local is not None and e.state:
+        state = e.state
+        if e.state == "loaded":
+            state += f", {e.offloaded_layers} of {e.local.n_layer + 1} layers on a GPU"
+    else:
+        state = "loaded" if e.loaded else "not loaded"
+    alias = f" — aliases: {', '.join(e.aliases)}" if e.aliases else ""
+    return f"{e.id}. {e.name} — {where} — {state}{alias}"
 
 
 def failover_note(failed: list[str], served_by: str | None, used_fallback: bool) -> str:

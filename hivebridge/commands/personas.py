@@ -1,27 +1,62 @@
-"""``!persona …``: spawn, despawn, list, show, set, invite."""
+"""``!persona …``: spawn, despawn, list, show, set, invite.
+
+The checks and answers of spawn, despawn and show are methods that need no
+room (:meth:`PersonaCommands.spawn_persona` …), so the admin API gives the
+same answers to the same mistakes as the room does.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from dataclasses import dataclass
 
+from ..conversation import render_traits
 from ..db.personas import Persona
 from ..personas.directory import PersonaDirectory
 from ..personas.lifecycle import PersonaLifecycle, SpawnError
+from ..personas.tools.toolbox import Toolbox
 from .base import CommandContext, CommandTable, UserError
 from .parser import ActionSpec, CommandSpec, OptionSpec, ParsedCommand, normalize_persona_name
 
 _MXC = re.compile(r"^mxc://[^/\s]+/[^/\s]+$")
 # Room ids of room version 12 have no server part (MSC4291).
 _ROOM = re.compile(r"^(![^\s]+|#[^:\s]+:[^\s]+)$")
-SETTABLE = ("prompt", "model", "display", "traits", "avatar")
+_USER = re.compile(r"^@[^:\s]+:[^\s]+$")
+SETTABLE = ("prompt", "model", "profile", "display", "traits", "avatar", "tools", "tool_choice")
+#: Traits are a small JSON object: a few dozen keys at most, each short.
+MAX_TRAITS_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    persona: Persona
+    room_id: str | None
+    took_s: float
+
+    @property
+    def text(self) -> str:
+        """The answer to a spawn, in a room or from the admin API."""
+        p = self.persona
+        if self.room_id is None:
+            return (
+                f"Spawned {p.displayname} ({p.mxid}) in {self.took_s:.2f}s; "
+                "it is in no room yet: invite it to one."
+            )
+        return f"Spawned {p.displayname} ({p.mxid}) in {self.room_id} in {self.took_s:.2f}s."
 
 
 class PersonaCommands:
-    def __init__(self, directory: PersonaDirectory, lifecycle: PersonaLifecycle) -> None:
+    def __init__(
+        self,
+        directory: PersonaDirectory,
+        lifecycle: PersonaLifecycle,
+        toolbox: Toolbox | None = None,
+    ) -> None:
         self.directory = directory
         self.lifecycle = lifecycle
+        self.toolbox = toolbox
 
     def register(self, table: CommandTable) -> None:
         spawn_usage = (
@@ -71,63 +106,119 @@ class PersonaCommands:
         }[cmd.action.name]
         await handler(ctx, cmd)
 
-    def _name(self, ctx: CommandContext, cmd: ParsedCommand) -> str:
-        raw = cmd.args.get("name")
+    # Checks and operations that need no room (the admin API runs them too) ---------
+
+    def persona_name(self, raw: str | None, prefix: str) -> str:
+        """A valid persona name from what was typed, or a :class:`UserError` saying why not."""
         if not raw:
-            raise UserError(f"Give a persona name, e.g. {ctx.prefix}persona show ada")
+            raise UserError(f"Give a persona name, e.g. {prefix}persona show ada")
         check = normalize_persona_name(raw)
         if check.name is None:
             raise UserError(check.error or "Bad persona name.")
         return check.name
 
-    def _persona(self, ctx: CommandContext, cmd: ParsedCommand) -> Persona:
-        name = self._name(ctx, cmd)
+    def find(self, raw: str | None, prefix: str) -> Persona:
+        name = self.persona_name(raw, prefix)
         persona = self.directory.get(self.directory.config.persona_mxid(name))
         if persona is None:
-            raise UserError(f"No persona named {name!r}; {ctx.prefix}persona list shows them.")
+            raise UserError(
+                f"No persona named {name!r}; {prefix}persona list shows them.", "not_found"
+            )
         return persona
 
-    async def _room(self, raw: str) -> str:
+    async def room_id(self, raw: str) -> str:
+        """A room id from a room id or an alias (resolved by the bot)."""
         if not _ROOM.match(raw):
             raise UserError(f"{raw!r} is not a room id (!…) or alias (#…:server).")
         if raw.startswith("#"):
             try:
                 info = await self.directory.appservice.intent.resolve_room_alias(raw)  # type: ignore[arg-type]
             except Exception:
-                raise UserError(f"Room alias {raw} not found.") from None
+                raise UserError(f"Room alias {raw} not found.", "not_found") from None
             return str(info.room_id)
         return raw
 
-    async def spawn(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        name = self._name(ctx, cmd)
-        if cmd.rest:
-            raise UserError(f"Unexpected text {cmd.rest[:40]!r}; quote values with spaces.")
+    async def spawn_persona(
+        self,
+        raw_name: str | None,
+        *,
+        display: str | None,
+        prompt: str | None,
+        model: str | None,
+        room: str | None,
+        created_by: str,
+        dm_with: str | None,
+        prefix: str,
+    ) -> Spawned:
+        """Spawn into ``room`` (id or alias), else a direct chat with ``dm_with``, else no room."""
+        name = self.persona_name(raw_name, prefix)
         if self.directory.get(self.directory.config.persona_mxid(name)) or name == "bot":
-            raise UserError(f"The name {name!r} is taken.")
-        room = cmd.flags.get("room")
-        room_id = await self._room(str(room)) if room else None
-        prompt = str(cmd.flags.get("prompt") or f"You are {cmd.flags.get('display') or name}.")
+            raise UserError(f"The name {name!r} is taken.", "conflict")
+        if dm_with is not None and not _USER.match(dm_with):
+            raise UserError(f"{dm_with[:60]!r} is not a user id (@user:server).")
+        room_id = await self.room_id(room) if room else None
         started = time.monotonic()
         try:
             persona, where = await self.lifecycle.spawn(
                 name,
-                displayname=str(cmd.flags["display"]) if cmd.flags.get("display") else None,
-                system_prompt=prompt,
-                model=str(cmd.flags["model"]) if cmd.flags.get("model") else None,
+                displayname=display or None,
+                system_prompt=prompt or f"You are {display or name}.",
+                model=model or None,
                 room_id=room_id,
-                created_by=ctx.sender,
+                created_by=created_by,
+                dm_with=dm_with,
             )
         except SpawnError as e:
-            raise UserError(f"Could not spawn {name}: {e}") from None
-        took = time.monotonic() - started
-        await ctx.reply(
-            f"Spawned {persona.displayname} ({persona.mxid}) in {where} in {took:.2f}s."
+            raise UserError(f"Could not spawn {name}: {e}", "failed") from None
+        return Spawned(persona, where, time.monotonic() - started)
+
+    async def despawn_persona(self, raw_name: str | None, prefix: str) -> tuple[Persona, str]:
+        """Despawn; returns the persona and the answer to show."""
+        persona = self.find(raw_name, prefix)
+        rooms = await self.lifecycle.despawn(persona)
+        return persona, f"Despawned {persona.name}; it left {len(rooms)} room(s)."
+
+    async def describe(self, p: Persona) -> str:
+        """What ``persona show`` answers."""
+        rooms = await self.directory.store.rooms_of(p.name)
+        traits = render_traits(p.traits) or "-"
+        return (
+            f"{p.displayname} ({p.mxid})\nmodel: {p.model or 'default'}\n"
+            f"profile: {p.profile or 'default'}\n"
+            f"prompt: {p.system_prompt}\ntraits:\n{traits}\n"
+            f"{self._tools_line(p)}\n"
+            f"avatar: {p.avatar_url or '-'}\nrooms: {', '.join(rooms) or '-'}\n"
+            f"created by {p.created_by or '-'}"
         )
 
+    # The room's side -------------------------------------------------------------------
+
+    def _name(self, ctx: CommandContext, cmd: ParsedCommand) -> str:
+        return self.persona_name(cmd.args.get("name"), ctx.prefix)
+
+    def _persona(self, ctx: CommandContext, cmd: ParsedCommand) -> Persona:
+        return self.find(cmd.args.get("name"), ctx.prefix)
+
+    async def spawn(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
+        self._name(ctx, cmd)
+        if cmd.rest:
+            raise UserError(f"Unexpected text {cmd.rest[:40]!r}; quote values with spaces.")
+        flags = {k: str(v) for k, v in cmd.flags.items() if v}
+        spawned = await self.spawn_persona(
+            cmd.args.get("name"),
+            display=flags.get("display"),
+            prompt=flags.get("prompt"),
+            model=flags.get("model"),
+            room=flags.get("room"),
+            created_by=ctx.sender,
+            dm_with=ctx.sender,
+            prefix=ctx.prefix,
+        )
+        await ctx.reply(spawned.text)
+
     async def despawn(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        persona = self._persona(ctx, cmd)
-        rooms = await self.lifecycle.despawn(persona)
-        await ctx.reply(f"Despawned {persona.name}; it left {len(rooms)} room(s).")
+        _, text = await self.despawn_persona(cmd.args.get("name"), ctx.prefix)
+        await ctx.reply(text)
 
     async def list(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         personas = self.directory.all()
@@ -140,14 +231,47 @@ class PersonaCommands:
         await ctx.reply("Personas:\n" + "\n".join(lines))
 
     async def show(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        p = self._persona(ctx, cmd)
-        rooms = await self.directory.store.rooms_of(p.name)
-        await ctx.reply(
-            f"{p.displayname} ({p.mxid})\nmodel: {p.model or 'default'}\n"
-            f"prompt: {p.system_prompt}\ntraits: {json.dumps(p.traits, ensure_ascii=False)}\n"
-            f"avatar: {p.avatar_url or '-'}\nrooms: {', '.join(rooms) or '-'}\n"
-            f"created by {p.created_by or '-'}"
-        )
+        await ctx.reply(await self.describe(self._persona(ctx, cmd)))
+
+    def _tools_line(self, p: Persona) -> str:
+        if self.toolbox is None:
+            return "tools: -"
+        names = self.toolbox.names_for(p)
+        shown = ", ".join(names) or "none"
+        if p.tools is None:
+            shown += " (the default)"
+        return f"tools: {shown}\ntool choice: {p.tool_choice or 'auto'}"
+
+    def _parse_tools(self, ctx: CommandContext, value: str) -> tuple[str, ...] | None:
+        """``a,b`` / ``none`` / ``default`` (None: follow the config's default)."""
+        assert self.toolbox is not None
+        word = value.strip().lower()
+        if word == "default":
+            return None
+        if word == "none":
+            return ()
+        names = tuple(dict.fromkeys(n.strip() for n in value.replace(" ", ",").split(",") if n))
+        unknown = self.toolbox.registry.unknown(names)
+        if unknown:
+            known = ", ".join(self.toolbox.registry.names())
+            raise UserError(
+                f"No tool named {unknown[0][:40]!r}. Tools: {known} ({ctx.prefix}tools)."
+            )
+        return names
+
+    def _parse_choice(self, p: Persona, value: str) -> str | None:
+        word = value.strip()
+        if word.lower() == "auto":
+            return None
+        if word.lower() == "required":
+            return "required"
+        assert self.toolbox is not None
+        if word not in self.toolbox.names_for(p):
+            raise UserError(
+                f"tool_choice is auto, required, or one of {p.name}'s tools "
+                f"({', '.join(self.toolbox.names_for(p)) or 'it has none'})."
+            )
+        return word
 
     async def set(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         p = self._persona(ctx, cmd)
@@ -160,9 +284,17 @@ class PersonaCommands:
             p = _replace(p, system_prompt=value)
         elif field == "model":
             p = _replace(p, model=value)
+        elif field == "profile":
+            p = _replace(p, profile=self._profile(ctx, value))
         elif field == "display":
             await intent.set_displayname(value)
             p = _replace(p, displayname=value)
+        elif field in ("tools", "tool_choice") and self.toolbox is None:
+            raise UserError("Tools are not available in this bridge.")
+        elif field == "tools":
+            p = _replace(p, tools=self._parse_tools(ctx, value))
+        elif field == "tool_choice":
+            p = _replace(p, tool_choice=self._parse_choice(p, value))
         elif field == "traits":
             try:
                 traits = json.loads(value)
@@ -170,6 +302,10 @@ class PersonaCommands:
                 raise UserError('traits must be a JSON object, e.g. {"openness": 0.8}') from None
             if not isinstance(traits, dict):
                 raise UserError('traits must be a JSON object, e.g. {"openness": 0.8}')
+            if len(render_traits(traits)) > MAX_TRAITS_CHARS:
+                raise UserError(
+                    f"traits are at most {MAX_TRAITS_CHARS} characters once written out."
+                )
             p = _replace(p, traits=traits)
         else:
             if not _MXC.match(value):
@@ -180,12 +316,22 @@ class PersonaCommands:
         self.directory.remember(p)
         await ctx.reply(f"Set {field} of {p.name}.")
 
+    def _profile(self, ctx: CommandContext, value: str) -> str | None:
+        """A configured profile's name; ``default`` puts the persona back on none."""
+        if value.lower() in ("default", "none", "-"):
+            return None
+        inference = self.directory.config.inference
+        if inference.profile(value) is None:
+            known = ", ".join(p.name for p in inference.profiles) or "none are configured"
+            raise UserError(f"No worker profile {value[:40]!r} ({known}); {ctx.prefix}profiles.")
+        return value
+
     async def invite(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         p = self._persona(ctx, cmd)
         raw = cmd.args.get("field") or (cmd.rest or "").strip()
         if not raw:
             raise UserError(f"Usage: {ctx.prefix}persona invite <name> <room id or alias>")
-        room_id = await self._room(raw)
+        room_id = await self.room_id(raw)
         try:
             await self.lifecycle.invite(p, room_id)
         except Exception as e:

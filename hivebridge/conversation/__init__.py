@@ -9,6 +9,7 @@ when a streamed reply is edited (:mod:`.streaming`).
 from hivebridge.conversation.context import (
     Prompt,
     SummaryRequest,
+    ToolUse,
     Turn,
     apply_reset,
     build_prompt,
@@ -18,6 +19,7 @@ from hivebridge.conversation.context import (
     summary_due,
 )
 from hivebridge.conversation.formatting import markdown_to_html, split_message, strip_think
+from hivebridge.conversation.persona import persona_system_prompt, render_traits
 from hivebridge.conversation.streaming import EditThrottle, StreamAction, stable_prefix
 
 __all__ = [
@@ -25,11 +27,14 @@ __all__ = [
     "Prompt",
     "StreamAction",
     "SummaryRequest",
+    "ToolUse",
     "Turn",
     "apply_reset",
     "build_prompt",
     "build_summary_request",
     "markdown_to_html",
+    "persona_system_prompt",
+    "render_traits",
     "rollback",
     "select_turns",
     "split_message",

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from hivebridge.inference.types import ChatMessage
+from hivebridge.inference.types import ChatMessage, ToolCall
 
 __all__ = [
     "DEFAULT_LOW_WATER",
@@ -41,11 +41,13 @@ __all__ = [
     "Prompt",
     "SummaryRequest",
     "TokenCounter",
+    "ToolUse",
     "Turn",
     "apply_reset",
     "build_prompt",
     "build_summary_request",
     "render_turn",
+    "render_turn_messages",
     "rollback",
     "select_turns",
     "summary_due",
@@ -66,6 +68,16 @@ _HEAD_SHARE = 1 / 3
 
 
 @dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A tool call a reply made before its text, and the result the model saw."""
+
+    call: ToolCall
+    result: str
+    hop: int = 0  # calls of one hop were asked for together
+    note: str = ""  # what the model said along with the call(s)
+
+
+@dataclass(frozen=True, slots=True)
 class Turn:
     """One stored message of a room, as the prompt sees it."""
 
@@ -76,6 +88,8 @@ class Turn:
     body: str
     ts: int  # origin_server_ts (ms); never put into the text
     thread_root: str | None = None  # root event id when the turn is in a thread
+    #: The tool calls behind this (own) reply, in order; rendered before it.
+    tools: tuple[ToolUse, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +128,25 @@ def render_turn(turn: Turn, is_group: bool) -> ChatMessage:
     return ChatMessage("user", turn.body)
 
 
+def render_turn_messages(turn: Turn, is_group: bool) -> list[ChatMessage]:
+    """A turn with the tool calls behind it: per hop an assistant message with its
+    calls and a ``tool`` message per result, then the reply itself."""
+    if not (turn.is_self and turn.tools):
+        return [render_turn(turn, is_group)]
+    out: list[ChatMessage] = []
+    hops: dict[int, list[ToolUse]] = {}
+    for use in turn.tools:
+        hops.setdefault(use.hop, []).append(use)
+    for _hop, uses in sorted(hops.items()):
+        out.append(ChatMessage("assistant", uses[0].note, tool_calls=tuple(u.call for u in uses)))
+        for use in uses:
+            out.append(
+                ChatMessage("tool", use.result, tool_call_id=use.call.id, name=use.call.name)
+            )
+    out.append(render_turn(turn, is_group))
+    return out
+
+
 def system_content(system_prompt: str, summary: str | None) -> str:
     """The one system message: persona prompt, then the chapter summary if any."""
     if summary and summary.strip():
@@ -122,7 +155,10 @@ def system_content(system_prompt: str, summary: str | None) -> str:
 
 
 def _cost(count_tokens: TokenCounter, message: ChatMessage) -> int:
-    return count_tokens(message.content) + MESSAGE_OVERHEAD
+    cost = count_tokens(message.content) + MESSAGE_OVERHEAD
+    for call in message.tool_calls:
+        cost += count_tokens(f"{call.name} {call.arguments_json()}") + MESSAGE_OVERHEAD
+    return cost
 
 
 def _truncate_middle(
@@ -209,8 +245,8 @@ def build_prompt(
     summary_tokens = full_system_tokens - system_tokens if system_text != system_prompt else 0
     available = budget - full_system_tokens
 
-    rendered = [render_turn(t, is_group) for t in history]
-    costs = [_cost(count_tokens, m) for m in rendered]
+    rendered = [render_turn_messages(t, is_group) for t in history]
+    costs = [sum(_cost(count_tokens, m) for m in ms) for ms in rendered]
     new_rendered = render_turn(new_message, is_group)
     new_cost = _cost(count_tokens, new_rendered)
     truncated = False
@@ -222,7 +258,11 @@ def build_prompt(
         start = _window_start([*costs, new_cost], available, low_water)
 
     return Prompt(
-        messages=[ChatMessage("system", system_text), *rendered[start:], new_rendered],
+        messages=[
+            ChatMessage("system", system_text),
+            *(m for ms in rendered[start:] for m in ms),
+            new_rendered,
+        ],
         budget=budget,
         system_tokens=system_tokens,
         summary_tokens=summary_tokens,
@@ -331,7 +371,13 @@ def summary_due(prompt: Prompt, *, min_dropped_turns: int = 8, min_dropped_token
 
 
 def _transcript_line(turn: Turn) -> str:
-    return f"{turn.sender_name}: {turn.body}"
+    """One line per turn; a reply's tool calls, with short results, go before it."""
+    used = "".join(
+        f"[{u.call.name}({u.call.arguments_json()}) -> "
+        f"{' '.join(u.result.split())[:120]}] "
+        for u in turn.tools
+    )
+    return f"{turn.sender_name}: {used}{turn.body}"
 
 
 def build_summary_request(

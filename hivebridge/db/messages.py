@@ -146,6 +146,33 @@ class MessageStore:
         )
         return [StoredMessage.from_row(r) for r in reversed(rows)]
 
+    async def search(
+        self, room_id: str, words: list[str], sender: str | None, limit: int
+    ) -> list[StoredMessage]:
+        """Messages of one room holding every word (any case), newest first.
+
+        ``sender`` narrows it to senders whose user id or persona name contains
+        it. Every pattern is a bound parameter with LIKE's wildcards escaped.
+        """
+        conditions = ["room_id=$1"]
+        params: list[Any] = [room_id]
+        for word in words:
+            params.append(f"%{_like_escape(word.lower())}%")
+            conditions.append(f"LOWER(body) LIKE ${len(params)} ESCAPE '\\'")
+        if sender:
+            params.append(f"%{_like_escape(sender.lower())}%")
+            n = len(params)
+            conditions.append(
+                f"(LOWER(sender) LIKE ${n} ESCAPE '\\' OR LOWER(persona) LIKE ${n} ESCAPE '\\')"
+            )
+        params.append(limit)
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(conditions)} "
+            f"ORDER BY ts DESC, event_id DESC LIMIT ${len(params)}",
+            *params,
+        )
+        return [StoredMessage.from_row(r) for r in rows]
+
     async def remove_from_context(self, event_ids: list[str]) -> None:
         """!rollback: prompts stop seeing these messages; they stay stored."""
         if event_ids:
@@ -160,3 +187,7 @@ class MessageStore:
         return int(
             await self.db.fetchval("SELECT COUNT(*) FROM messages WHERE room_id=$1", room_id)
         )
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -22,6 +22,10 @@ class Persona:
     profile: str | None = None
     created_at: int = 0
     created_by: str | None = None
+    #: Tool names; None means the config's tools.default.
+    tools: tuple[str, ...] | None = None
+    #: None (auto), "required" or a tool name: what the first step of a reply must do.
+    tool_choice: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Persona:
@@ -36,12 +40,28 @@ class Persona:
             profile=row["profile"],
             created_at=int(row["created_at"]),
             created_by=row["created_by"],
+            tools=_tools(row["tools"]),
+            tool_choice=row["tool_choice"],
         )
+
+
+def _tools(raw: str | None) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        return None
+    return tuple(str(n) for n in names) if isinstance(names, list) else None
+
+
+def _tools_json(tools: tuple[str, ...] | None) -> str | None:
+    return None if tools is None else json.dumps(list(tools))
 
 
 _COLUMNS = (
     "name, mxid, displayname, system_prompt, avatar_url, traits, model, profile, created_at, "
-    "created_by"
+    "created_by, tools, tool_choice"
 )
 
 
@@ -64,7 +84,8 @@ class PersonaStore:
     async def insert(self, p: Persona) -> bool:
         """Store a new persona; False when the name is taken."""
         created = await self.db.fetchval(
-            f"INSERT INTO personas ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+            f"INSERT INTO personas ({_COLUMNS}) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
             "ON CONFLICT (name) DO NOTHING RETURNING name",
             p.name,
             p.mxid,
@@ -76,13 +97,15 @@ class PersonaStore:
             p.profile,
             p.created_at or int(time.time() * 1000),
             p.created_by,
+            _tools_json(p.tools),
+            p.tool_choice,
         )
         return created is not None
 
     async def update(self, p: Persona) -> None:
         await self.db.execute(
             "UPDATE personas SET displayname=$2, system_prompt=$3, avatar_url=$4, traits=$5, "
-            "model=$6, profile=$7 WHERE name=$1",
+            "model=$6, profile=$7, tools=$8, tool_choice=$9 WHERE name=$1",
             p.name,
             p.displayname,
             p.system_prompt,
@@ -90,6 +113,8 @@ class PersonaStore:
             json.dumps(p.traits, ensure_ascii=False),
             p.model,
             p.profile,
+            _tools_json(p.tools),
+            p.tool_choice,
         )
 
     async def delete(self, name: str) -> None:

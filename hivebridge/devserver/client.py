@@ -17,6 +17,9 @@ from ..matrix.content import is_edit as content_is_edit
 
 Event = dict[str, Any]
 
+#: The content of ``m.room.encryption`` every Matrix client writes.
+MEGOLM = {"algorithm": "m.megolm.v1.aes-sha2"}
+
 
 async def register_user(
     base_url: str, shared_secret: str, username: str, password: str, *, admin: bool = False
@@ -102,7 +105,11 @@ class HumanClient:
         *,
         direct: bool = False,
         name: str | None = None,
+        encrypted: bool = False,
+        alias: str | None = None,
     ) -> str:
+        """A new room; ``encrypted`` puts ``m.room.encryption`` (megolm) in its first state;
+        ``alias`` is the localpart of its alias (``hive`` makes ``#hive:server``)."""
         body: dict[str, Any] = {
             "invite": list(invite),
             "preset": "trusted_private_chat" if direct else "private_chat",
@@ -110,7 +117,19 @@ class HumanClient:
         }
         if name:
             body["name"] = name
+        if alias:
+            body["room_alias_name"] = alias
+        if encrypted:
+            body["initial_state"] = [
+                {"type": "m.room.encryption", "state_key": "", "content": MEGOLM}
+            ]
         return str((await self.request("POST", "/createRoom", body))["room_id"])
+
+    async def set_state(
+        self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
+    ) -> str:
+        path = f"/rooms/{quote(room_id)}/state/{event_type}/{quote(state_key)}"
+        return str((await self.request("PUT", path, content))["event_id"])
 
     async def invite(self, room_id: str, user_id: str) -> None:
         await self.request("POST", f"/rooms/{quote(room_id)}/invite", {"user_id": user_id})

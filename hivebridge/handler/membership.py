@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from mautrix.appservice import AppService
 from mautrix.types import Membership, MemberStateEventContent, StateEvent
 
-from ..config import PermissionsConfig
+from ..config import Config, PermissionsConfig
 from ..matrix.members import RoomMembers
 from ..permissions import matches
 from ..personas.directory import PersonaDirectory
@@ -25,13 +25,20 @@ class MembershipHandler:
         members: RoomMembers,
         *,
         on_left: Callable[[str], None],
+        on_joined: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
-        """``on_left(room_id)``: every persona left the room; drop what is cached of it."""
+        """``on_left(room_id)``: every persona left the room; drop what is cached of it.
+        ``on_joined(room_id, mxid)``: the bot or a persona joined on an invite."""
         self.permissions = permissions
         self.appservice = appservice
         self.personas = personas
         self.members = members
         self.on_left = on_left
+        self.on_joined = on_joined
+
+    async def apply_config(self, config: Config) -> None:
+        """A reloaded invite allowlist applies to the next invite."""
+        self.permissions = config.permissions
 
     async def on_member(self, room_id: str, event: StateEvent) -> None:
         if not isinstance(event.content, MemberStateEventContent):
@@ -69,6 +76,8 @@ class MembershipHandler:
         if persona is not None:
             await self.personas.store.add_room(persona.name, room_id)
         log.info("%s joined on invite from %s", target, inviter, extra={"room_id": room_id})
+        if self.on_joined is not None:
+            await self.on_joined(room_id, target)
 
     async def _leave_if_no_humans(self, room_id: str) -> None:
         """When the last human leaves, the personas and the bot leave too."""

@@ -15,7 +15,7 @@ from mautrix.appservice import AppService
 
 from .. import metrics
 from ..commands.base import CommandContext, CommandTable
-from ..config import Config
+from ..config import Config, ConfigError
 from ..db.messages import MessageStore, StoredMessage
 from ..db.personas import Persona
 from ..db.rooms import RoomStore
@@ -76,6 +76,25 @@ class MessageHandler:
         )
         self._threads: dict[str, dict[tuple[str, str], None]] = defaultdict(dict)
         self._limit_charged: dict[str, str] = {}  # room -> event whose request was counted
+
+    def check_config(self, config: Config) -> None:
+        """The loop guard's own rules on its thresholds (a reload refuses what it would)."""
+        r = config.routing
+        try:
+            LoopGuard().reconfigure(
+                r.ping_pong_threshold, r.ping_pong_cooldown_s, r.max_persona_turns_per_minute
+            )
+        except ValueError as e:
+            key = "ping_pong_cooldown_s" if "cooldown" in str(e) else "ping_pong_threshold"
+            raise ConfigError(f"routing.{key}", str(e)) from None
+
+    async def apply_config(self, config: Config) -> None:
+        """Routing thresholds and reply settings of a reloaded config, from the next message."""
+        self.config = config
+        r = config.routing
+        self.loop_guard.reconfigure(
+            r.ping_pong_threshold, r.ping_pong_cooldown_s, r.max_persona_turns_per_minute
+        )
 
     def forget_room(self, room_id: str) -> None:
         """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""

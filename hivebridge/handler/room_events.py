@@ -10,6 +10,7 @@ a persona whose reply job was written answers through it, never twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mautrix.types import Event, EventType, StateEvent
@@ -18,6 +19,7 @@ from ..db.messages import StoredMessage
 from ..db.resilience import is_connection_lost, retry_when_lost
 from ..matrix.members import RoomMembers
 from ..matrix.room_queues import RoomQueues
+from ..personas.tools import Approvals
 from .handled import HandledMarks
 from .membership import MembershipHandler
 from .messages import MessageHandler
@@ -46,11 +48,20 @@ class RoomEventHandler:
         membership: MembershipHandler,
         messages: MessageHandler,
         handled: HandledMarks,
+        approvals: Approvals | None = None,
+        *,
+        on_encrypted: Callable[[str, Event], Awaitable[None]] | None = None,
     ) -> None:
+        """``approvals``: answers to tool approvals are taken as they arrive, ahead of
+        the room's queue (the reply waiting for one holds that queue).
+        ``on_encrypted(room_id, event)``: an ``m.room.encrypted`` event, in room order;
+        None ignores them."""
+        self.approvals = approvals
         self.members = members
         self.membership = membership
         self.messages = messages
         self.handled = handled
+        self.on_encrypted = on_encrypted
         self.queues: RoomQueues[RoomWork] = RoomQueues(self._handle)
 
     # Intake side ----------------------------------------------------------------------
@@ -59,11 +70,26 @@ class RoomEventHandler:
         room_id = str(getattr(event, "room_id", "") or "")
         if not room_id:
             return
+        if self.approvals is not None:
+            self._offer_approval(room_id, event, stored)
         if event.type == EventType.ROOM_MEMBER:
             self.members.forget(room_id)
             self.queues.push(room_id, RoomWork(event=event))
         elif stored is not None:
             self.queues.push(room_id, RoomWork(message=stored))
+        elif event.type == EventType.ROOM_ENCRYPTED and self.on_encrypted is not None:
+            self.queues.push(room_id, RoomWork(event=event))
+
+    def _offer_approval(self, room_id: str, event: Event, stored: StoredMessage | None) -> None:
+        assert self.approvals is not None
+        sender = str(getattr(event, "sender", "") or "")
+        if stored is not None:
+            self.approvals.offer_command(room_id, sender, stored.event_id, stored.body)
+        elif event.type == EventType.REACTION:
+            relates = getattr(getattr(event, "content", None), "relates_to", None)
+            target, key = getattr(relates, "event_id", None), getattr(relates, "key", None)
+            if isinstance(key, str) and target:
+                self.approvals.offer_reaction(room_id, sender, str(target), key)
 
     def resume(self, message: StoredMessage) -> None:
         """Queue a stored message whose routing or reply never finished (after a crash)."""
@@ -78,6 +104,14 @@ class RoomEventHandler:
             event = work.event
             await retry_when_lost(
                 lambda _again: self.membership.on_member(room_id, event),
+                DB_RETRY_DELAYS_S,
+                what="routing",
+                extra={"room_id": room_id},
+            )
+        elif work.event is not None and self.on_encrypted is not None:
+            encrypted, event = self.on_encrypted, work.event
+            await retry_when_lost(
+                lambda _again: encrypted(room_id, event),
                 DB_RETRY_DELAYS_S,
                 what="routing",
                 extra={"room_id": room_id},

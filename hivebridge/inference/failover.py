@@ -24,6 +24,7 @@ from .types import (
     GenerationStats,
     InferenceError,
     SamplingParams,
+    tool_calls_of,
 )
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class FailoverGeneration(StreamingGeneration):
                 f"{self.served_by}: the reply broke off ({type(exc).__name__})"
             ) from None
         self._copy_stats(inner.stats)
+        calls, self.tool_note = tool_calls_of(inner)
+        self.tool_calls = list(calls)
 
     def _copy_stats(self, inner: GenerationStats) -> None:
         s = self.stats

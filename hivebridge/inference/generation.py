@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 
-from .types import GenerationStats
+from .types import GenerationStats, ToolCall
 
 
 class StreamingGeneration:
     def __init__(self, stats: GenerationStats) -> None:
         self.stats = stats
+        #: Set by the end of a request with tools when the model called some; the
+        #: streamed text is then what it said before them, and ``tool_note`` any
+        #: words that came with the calls without being streamed.
+        self.tool_calls: list[ToolCall] = []
+        self.tool_note = ""
         self._closed = False
         self._iter = self._run()
 

@@ -9,6 +9,7 @@ the API key is scrubbed out and the original exception is not chained.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -16,9 +17,22 @@ from typing import Any
 
 import openai
 
+from .envelope import EnvelopeStream, envelope_request, new_call_id
 from .generation import StreamingGeneration
 from .hooks import NO_HOOKS, InferenceHooks
-from .types import BackendUnavailable, ChatMessage, GenerationStats, InferenceError, SamplingParams
+from .tool_text import TextCallFilter
+from .types import (
+    AUTO,
+    NONE,
+    REQUIRED,
+    BackendUnavailable,
+    ChatMessage,
+    GenerationStats,
+    InferenceError,
+    SamplingParams,
+    ToolCall,
+    ToolSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +176,9 @@ class RemoteEndpoint:
         # dropped for good the first time the server rejects them with a 400/422.
         self._optional_fields = True
         self._extra_sampling = extra_sampling
+        #: False once the endpoint refused a request with tools: requests with tools
+        #: then ask for the reply envelope under response_format (inference/envelope.py).
+        self.native_tools = True
         t = self.timeouts
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url,
@@ -222,7 +239,7 @@ class RemoteEndpoint:
     ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [_wire_message(m) for m in messages],
             "stream": True,
             "temperature": params.temperature,
             "top_p": params.top_p,
@@ -232,6 +249,19 @@ class RemoteEndpoint:
             kwargs["stop"] = list(params.stop)
         if params.seed is not None:
             kwargs["seed"] = params.seed
+        if params.tools:
+            kwargs["tools"] = [_wire_tool(t) for t in params.tools]
+            kwargs["tool_choice"] = _wire_choice(params.tool_choice)
+        if params.response_format is not None:
+            # The nested form of OpenAI's API; llama.cpp's server turns it into a grammar.
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": params.response_format.name,
+                    "schema": dict(params.response_format.schema),
+                    "strict": True,
+                },
+            }
         if self._optional_fields:
             kwargs["stream_options"] = {"include_usage": True}
             if self._extra_sampling:
@@ -287,6 +317,75 @@ class RemoteEndpoint:
         )
 
 
+def _wire_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as the OpenAI API takes it (calls with JSON-string arguments)."""
+    data: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.role == "assistant" and m.tool_calls:
+        data["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments_json()},
+            }
+            for c in m.tool_calls
+        ]
+    if m.role == "tool":
+        data["tool_call_id"] = m.tool_call_id or ""
+    return data
+
+
+def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": dict(tool.parameters),
+        },
+    }
+
+
+def _wire_choice(choice: str) -> Any:
+    if choice in (AUTO, NONE, REQUIRED):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _arguments(raw: str) -> dict[str, Any]:
+    """A call's streamed argument text as an object; {} when it is not one (the
+    tool then says which arguments are missing, and the model sees that)."""
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw, strict=False)
+    except ValueError:
+        log.info("a tool call's arguments are not JSON: %.80r", raw)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(slots=True)
+class _CallParts:
+    """One streamed tool call being put together from its deltas."""
+
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+    def add(self, delta: Any) -> None:
+        if getattr(delta, "id", None):
+            self.id = str(delta.id)
+        fn = getattr(delta, "function", None)
+        if fn is None:
+            return
+        name = getattr(fn, "name", None)
+        # Some servers (llama_cpp.server) repeat the whole name in every chunk.
+        if name and name != self.name:
+            self.name += name
+        if getattr(fn, "arguments", None):
+            self.arguments += fn.arguments
+
+
 _OPTIONAL_FIELD_HINTS = ("stream_options", "top_k", "min_p", "repeat_penalty", "extra", "unrecog")
 
 
@@ -294,6 +393,12 @@ def _about_fields(exc: openai.APIStatusError) -> bool:
     """Whether a 400/422 complains about fields (not, say, a prompt that is too long)."""
     detail = (_status_detail(exc) or str(exc.body)).lower()
     return any(hint in detail for hint in _OPTIONAL_FIELD_HINTS)
+
+
+def _about_tools(exc: openai.APIStatusError) -> bool:
+    """Whether a 400/422 refuses tool calls (not something else about the request)."""
+    detail = (_status_detail(exc) or str(exc.body)).lower()
+    return "tool" in detail
 
 
 def _status_detail(exc: openai.APIStatusError) -> str:
@@ -326,6 +431,15 @@ class RemoteGeneration(StreamingGeneration):
         self._messages = list(messages)
         self._params = params
         self._stream_response: Any = None
+        #: The tools of a request sent in the reply envelope (the endpoint refused
+        #: native tool calls): the answer is read back as an envelope.
+        self._envelope_tools: tuple[ToolSpec, ...] = ()
+        if params.tools and not endpoint.native_tools:
+            self._to_envelope()
+
+    def _to_envelope(self) -> None:
+        self._envelope_tools = self._params.tools
+        self._messages, self._params = envelope_request(self._messages, self._params)
 
     async def _release(self) -> None:
         stream, self._stream_response = self._stream_response, None
@@ -345,6 +459,13 @@ class RemoteGeneration(StreamingGeneration):
         try:
             return await ep._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
+            if exc.status_code in (400, 422) and self._params.tools and _about_tools(exc):
+                # vLLM without a tool parser, servers without tool support: ask for the
+                # reply envelope under response_format instead, now and from now on.
+                log.info("endpoint %s refused tool calls; using the reply envelope", ep.name)
+                ep.native_tools = False
+                self._to_envelope()
+                return await self._open()
             if exc.status_code in (400, 422) and ep._optional_fields and _about_fields(exc):
                 # Some servers reject stream_options or unknown sampling fields.
                 log.info("endpoint %s rejected optional fields; retrying without", ep.name)
@@ -363,7 +484,13 @@ class RemoteGeneration(StreamingGeneration):
         got_text = False
         finish: str | None = None
         chunks = 0
+        # Calls written as text are looked for only when a call was possible.
         self._stream_response = await self._open()
+        params = self._params  # the envelope's, if the endpoint refused tools
+        names = [t.name for t in params.tools] if params.tool_choice != NONE else []
+        text_calls = TextCallFilter() if names else None
+        envelope = EnvelopeStream() if self._envelope_tools else None
+        parts: dict[int, _CallParts] = {}
         try:
             async for chunk in self._stream_response:
                 usage = getattr(chunk, "usage", None)
@@ -372,12 +499,24 @@ class RemoteGeneration(StreamingGeneration):
                 for choice in chunk.choices or ():
                     if choice.finish_reason:
                         finish = choice.finish_reason
-                    text = choice.delta.content if choice.delta else None
+                    delta = choice.delta
+                    for call in (getattr(delta, "tool_calls", None) or ()) if delta else ():
+                        stats.mark_first_token()
+                        chunks += 1
+                        parts.setdefault(int(getattr(call, "index", 0) or 0), _CallParts()).add(
+                            call
+                        )
+                    text = delta.content if delta else None
                     if text:
                         stats.mark_first_token()
-                        got_text = True
                         chunks += 1
-                        yield text
+                        if envelope is not None:
+                            text = envelope.feed(text)
+                        elif text_calls is not None:
+                            text = text_calls.feed(text)
+                        if text:
+                            got_text = True
+                            yield text
         except RemoteError:
             raise
         except Exception as exc:
@@ -394,6 +533,24 @@ class RemoteGeneration(StreamingGeneration):
             if got_text:
                 raise StreamInterrupted(err_msg, endpoint=ep.name)
             raise EndpointUnavailable(err_msg, endpoint=ep.name)
+        if parts:
+            self.tool_calls = [
+                ToolCall(p.id or new_call_id(), p.name, _arguments(p.arguments))
+                for _, p in sorted(parts.items())
+                if p.name
+            ]
+        if envelope is not None:
+            env, rest = envelope.finish(self._envelope_tools)
+            if rest:
+                yield rest
+            if env.call is not None:
+                self.tool_calls, self.tool_note = [env.call], env.note
+        elif text_calls is not None:
+            rest, found = text_calls.finish(names)
+            if not self.tool_calls and found:
+                self.tool_calls = list(found)
+            elif rest:
+                yield rest
         if stats.completion_tokens == 0:
             stats.completion_tokens = chunks  # no usage block: one token per chunk
         stats.finish("length" if finish == "length" else "stop")

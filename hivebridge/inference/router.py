@@ -84,6 +84,9 @@ class InferenceRouter:
     def remove_local(self, model: str) -> None:
         self._local.pop(model, None)
 
+    def local_models(self) -> list[str]:
+        return list(self._local)
+
     def set_alias(self, alias: str, model: str) -> None:
         self.pool.set_alias(alias, model)
 
@@ -120,9 +123,11 @@ class InferenceRouter:
 
     # --- routing ----------------------------------------------------------------------
 
-    def local_candidates(self, model: str) -> list[Backend]:
+    def local_candidates(self, model: str, local: Backend | None = None) -> list[Backend]:
+        """The local backends a request for ``model`` falls back on, in order: ``local``
+        (or the one registered for the model), then the fallback."""
         found: list[Backend] = []
-        local = self._local.get(self.resolve(model))
+        local = local or self._local.get(self.resolve(model))
         if local is not None:
             found.append(local)
         if self.fallback is not None and all(b is not self.fallback for b in found):
@@ -136,14 +141,16 @@ class InferenceRouter:
         *,
         session: str | None = None,
         model: str | None = None,
+        local: Backend | None = None,
     ) -> FailoverGeneration:
+        """``local`` serves the model locally instead of the backend registered for it."""
         chosen = model or self.default_model
         if chosen is None:
             raise InferenceError("no model given and no default model is configured")
         resolved = self.resolve(chosen)
         return FailoverGeneration(
             self.pool,
-            self.local_candidates(resolved),
+            self.local_candidates(resolved, local),
             self.fallback,
             resolved,
             messages,
@@ -151,17 +158,18 @@ class InferenceRouter:
             session,
         )
 
-    def for_model(self, model: str) -> ModelRoute:
+    def for_model(self, model: str, local: Backend | None = None) -> ModelRoute:
         """A :class:`Backend` named ``model`` that routes through this router."""
-        return ModelRoute(self, model)
+        return ModelRoute(self, model, local)
 
 
 class ModelRoute:
     """The router bound to one model name: a plain :class:`Backend` for a persona."""
 
-    def __init__(self, router: InferenceRouter, model: str) -> None:
+    def __init__(self, router: InferenceRouter, model: str, local: Backend | None = None) -> None:
         self.router = router
         self.name = model
+        self.local = local
 
     def generate(
         self,
@@ -170,4 +178,6 @@ class ModelRoute:
         *,
         session: str | None = None,
     ) -> FailoverGeneration:
-        return self.router.generate(messages, params, session=session, model=self.name)
+        return self.router.generate(
+            messages, params, session=session, model=self.name, local=self.local
+        )

@@ -32,6 +32,10 @@ class RoomMembers:
         """A membership event arrived: the next :meth:`joined` reads the store again."""
         self._joined.pop(room_id, None)
 
+    async def encrypted(self, room_id: str) -> bool:
+        """Whether the room's state, as far as we have seen it, has ``m.room.encryption``."""
+        return bool(await self.state_store.is_encrypted(room_id))  # type: ignore[arg-type]
+
     async def displayname(self, room_id: str, mxid: str) -> str | None:
         member = await self.state_store.get_member(room_id, mxid)  # type: ignore[arg-type]
         return str(member.displayname) if member is not None and member.displayname else None

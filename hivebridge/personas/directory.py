@@ -37,6 +37,16 @@ class PersonaDirectory:
     async def load(self) -> None:
         self._by_mxid = {p.mxid: p for p in await self.store.all()}
 
+    async def apply_config(self, config: Config) -> None:
+        """A reloaded default persona exists at once, as at start.
+
+        A persona already stored keeps its stored settings (``!persona set``
+        changes them), as it does across a restart.
+        """
+        old, self.config = self.config, config
+        if config.default_persona != old.default_persona:
+            await self.ensure_default()
+
     @property
     def bot_mxid(self) -> str:
         return self.config.bot_mxid

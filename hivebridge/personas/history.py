@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import Config
-from ..conversation import Prompt, Turn, apply_reset, build_prompt, select_turns
+from ..conversation import (
+    Prompt,
+    ToolUse,
+    Turn,
+    apply_reset,
+    build_prompt,
+    persona_system_prompt,
+    select_turns,
+)
 from ..db.messages import MessageStore, StoredMessage
 from ..db.personas import Persona
 from ..db.rooms import RoomStore
 from ..db.summaries import ROOM, ChapterSummary, SummaryStore
+from ..db.tool_calls import StoredToolCall, ToolCallStore
+from ..inference.types import ToolCall
 from ..matrix.content import is_edit
 from ..matrix.members import RoomMembers
 from .directory import PersonaDirectory
@@ -48,7 +58,10 @@ class ConversationHistory:
         rooms: RoomStore,
         summaries: SummaryStore,
         count_tokens: Callable[[str], int],
+        tool_calls: ToolCallStore | None = None,
     ) -> None:
+        """``tool_calls``: where replies' tool calls are stored (None: prompts show none)."""
+        self.tool_calls = tool_calls
         self.config = config
         self.personas = personas
         self.members = members
@@ -56,6 +69,10 @@ class ConversationHistory:
         self.rooms = rooms
         self.summaries = summaries
         self.count_tokens = functools.lru_cache(maxsize=4096)(count_tokens)
+
+    async def apply_config(self, config: Config) -> None:
+        """A reloaded context budget and command prefix hold from the next prompt."""
+        self.config = config
 
     async def prompt_for(
         self, persona: Persona, msg: StoredMessage, *, group: bool
@@ -73,13 +90,16 @@ class ConversationHistory:
         return self._build(persona, chapter, empty, group), chapter
 
     def _build(self, persona: Persona, chapter: Chapter, new: Turn, group: bool) -> Prompt:
+        inference = self.config.inference
+        profile = inference.profile(persona.profile)
+        budget = profile.context_tokens if profile and profile.context_tokens else None
         return build_prompt(
-            persona.system_prompt,
+            persona_system_prompt(persona.system_prompt, persona.traits),
             chapter.summary.summary if chapter.summary else None,
             chapter.turns,
             new,
             is_group=group,
-            budget=self.config.inference.context_tokens,
+            budget=budget or inference.context_tokens,
             count_tokens=self.count_tokens,
         )
 
@@ -119,9 +139,25 @@ class ConversationHistory:
             turns.append(await self._turn(persona, m))
         if summary is not None:
             turns = apply_reset(turns, summary.up_to_event_id)
+        turns = await self._with_tools(room_id, turns)
         if settings.mode == "thread":
             turns = select_turns(turns, thread_root, "thread" if threaded else "room")
         return Chapter(key, summary, turns)
+
+    async def _with_tools(self, room_id: str, turns: list[Turn]) -> list[Turn]:
+        """Own replies with the tool calls that led to them, as the model made them."""
+        own = [t.event_id for t in turns if t.is_self]
+        if self.tool_calls is None or not own:
+            return turns
+        found = await self.tool_calls.for_replies(room_id, own)
+        if not found:
+            return turns
+        return [
+            replace(t, tools=tuple(_use(c) for c in found[t.event_id]))
+            if t.event_id in found
+            else t
+            for t in turns
+        ]
 
     async def _turn(self, persona: Persona | None, m: StoredMessage) -> Turn:
         return Turn(
@@ -140,3 +176,7 @@ class ConversationHistory:
             return persona.displayname
         name = await self.members.displayname(room_id, mxid)
         return name or mxid.split(":", 1)[0].lstrip("@")
+
+
+def _use(c: StoredToolCall) -> ToolUse:
+    return ToolUse(ToolCall(c.call_id, c.tool, c.arguments), c.result, c.hop, c.note)

@@ -38,8 +38,10 @@ class PersonaLifecycle:
         model: str | None,
         room_id: str | None,
         created_by: str,
-    ) -> tuple[Persona, str]:
-        """Create a persona and put it in ``room_id`` (or a new room with the caller).
+        dm_with: str | None = None,
+    ) -> tuple[Persona, str | None]:
+        """Create a persona and put it in ``room_id``, or in a new direct chat with
+        ``dm_with``, or (neither given) in no room yet.
 
         Returns the persona and the room it is in. On failure nothing is stored and
         the puppet leaves whatever it joined.
@@ -60,17 +62,17 @@ class PersonaLifecycle:
             await intent.ensure_registered()
             step = "profile"
             await intent.set_displayname(persona.displayname)
-            if room_id is None:
+            if room_id is None and dm_with is not None:
                 step = "create room"
                 room_id = str(
                     await intent.create_room(
-                        invitees=[created_by],
+                        invitees=[dm_with],
                         is_direct=True,
                         name=persona.displayname,
                     )
                 )
                 joined.append(room_id)
-            else:
+            elif room_id is not None:
                 step = "invite"
                 await d.appservice.intent.invite_user(room_id, persona.mxid)  # type: ignore[arg-type]
                 step = "join"
@@ -80,7 +82,8 @@ class PersonaLifecycle:
             step = "store"
             if not await d.store.insert(persona):
                 raise SpawnError(step, f"the name {name!r} is taken")
-            await d.store.add_room(name, room_id)
+            if room_id is not None:
+                await d.store.add_room(name, room_id)
         except Exception as e:
             for room in joined:
                 with contextlib.suppress(Exception):

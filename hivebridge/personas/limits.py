@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import LimitsConfig
+from ..config import Config, LimitsConfig
 from ..db.usage import RateLimitStore, Scope, UsageKind, UsageRecord, UsageStore
 from ..permissions import Role
 from ..routing.rate_limit import DailyBudget, NotifyLatch, RateLimiter, format_retry_after
@@ -54,11 +54,16 @@ class Limits:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
         self.usage = usage
         self.state = state
         self.role_of = role_of
         self.clock = clock  # wall clock: bucket state is persisted
+        self.rate: RateLimiter | None = None
+        self._configure(config)
+        self._latch = NotifyLatch()
+
+    def _configure(self, config: LimitsConfig) -> None:
+        self.config = config
         rpm = config.requests_per_minute
         self.rate = RateLimiter(rpm, config.burst) if rpm > 0 else None
         scopes: list[tuple[Scope, str, int | None]] = [
@@ -67,7 +72,21 @@ class Limits:
             ("persona", "the persona's", config.persona_tokens_per_day),
         ]
         self._budgets = [(s, what, DailyBudget(n)) for s, what, n in scopes if n]
-        self._latch = NotifyLatch()
+
+    async def apply_config(self, config: Config) -> None:
+        """New rates and budgets from a reloaded config, from the next request on.
+
+        What users have spent carries over: buckets keep their level (capped at
+        a smaller burst), and budgets count the same usage rows.
+        """
+        if config.limits == self.config:
+            return
+        old = self.rate
+        self._configure(config.limits)
+        if old is not None and self.rate is not None:
+            self.rate.import_state(old.export_state())
+        elif self.rate is not None:  # the limit was off: start from what was saved
+            self.rate.import_state(await self.state.load())
 
     async def load(self) -> int:
         """Restore bucket state saved before a restart; returns how many buckets."""

@@ -24,13 +24,25 @@ from ..conversation import EditThrottle, Prompt, markdown_to_html, strip_think, 
 from ..db.messages import MessageStore, StoredMessage
 from ..db.personas import Persona
 from ..db.reply_jobs import JobState, ReplyJob, ReplyJobStore
-from ..inference.types import Backend, ChatMessage, GenerationStats, InferenceError, SamplingParams
+from ..db.tool_calls import StoredToolCall, ToolCallStore
+from ..inference.types import (
+    NONE,
+    Backend,
+    ChatMessage,
+    GenerationStats,
+    InferenceError,
+    SamplingParams,
+    ToolCall,
+    tool_calls_of,
+)
 from ..matrix.content import answer_marks
 from ..matrix.sender import Sender, retryable, stable_txn_id
 from .directory import PersonaDirectory
 from .history import Chapter, ConversationHistory
 from .limits import Limits
 from .summaries import Summarizer
+from .tools import ToolContext, ToolResult
+from .tools.toolbox import Toolbox
 
 log = logging.getLogger("hivebridge.replies")
 
@@ -47,6 +59,7 @@ class ReplyDone:
     first_visible_s: float | None  # from the start of the reply to its first text in the room
     edits: int  # m.replace edits sent, the final one included
     error: str | None = None  # what the room was told when it failed
+    tool_results: tuple[ToolResult, ...] = ()  # the tool calls made on the way, in order
 
 
 ReplyObserver = Callable[[ReplyDone], Awaitable[None]]
@@ -69,9 +82,14 @@ class ReplyService:
         backend_for: Callable[[Persona], Backend],
         model_name: Callable[[GenerationStats, str], str],
         observers: Sequence[ReplyObserver] = (),
+        tools: Toolbox | None = None,
+        tools_store: ToolCallStore | None = None,
     ) -> None:
         """``backend_for`` picks the persona's backend; ``model_name`` names the model that
-        answered as the catalogue does (metric labels, usage rows)."""
+        answered as the catalogue does (metric labels, usage rows); ``tools`` are what
+        personas may call (None: no tools), their calls stored in ``tools_store``."""
+        self.tools = tools
+        self.tools_store = tools_store
         self.config = config
         self.personas = personas
         self.history = history
@@ -84,16 +102,30 @@ class ReplyService:
         self.model_name = model_name
         self._observers = list(observers)
 
+    async def apply_config(self, config: Config) -> None:
+        """Reloaded sampling and reply settings hold from the next reply."""
+        self.config = config
+
     def observe(self, observer: ReplyObserver) -> Callable[[], None]:
         """Hear of every finished reply; returns the undo."""
         self._observers.append(observer)
         return lambda: self._observers.remove(observer)
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, persona: Persona) -> SamplingParams:
+        """The config's sampling, with the persona's worker profile over it."""
         inf = self.config.inference
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=inf.max_tokens, temperature=inf.temperature, top_p=inf.top_p
         )
+        profile = inf.profile(persona.profile)
+        if profile is None:
+            return params
+        changes = {
+            key: value
+            for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens")
+            if (value := getattr(profile, key)) is not None
+        }
+        return params.with_(**changes)
 
     async def reply(
         self,
@@ -159,20 +191,58 @@ class ReplyService:
     ) -> str | None:
         intent = self.personas.intent(persona)
         extra = answer_marks(msg, bounce_limit, group=group)
-        stream = LiveReply(self, intent, persona, msg, extra, existing=existing)
         prompt: Prompt | None = None
         chapter: Chapter | None = None
         stats = GenerationStats(model=persona.model or "", backend="")
         await self.sender.typing(intent, msg.room_id, True)
         error = ""
+        steps: list[GenerationStats] = []
+        results: list[ToolResult] = []
+        stream = LiveReply(self, intent, persona, msg, extra, existing=existing)
         try:
             prompt, chapter = await self.history.prompt_for(persona, msg, group=group)
-            gen = self.backend_for(persona).generate(
-                prompt.messages, self.sampling(), session=f"{msg.room_id}|{persona.mxid}"
-            )
-            async for piece in gen:
-                await stream.add(piece)
-            stats = gen.stats
+            messages = list(prompt.messages)
+            names = self._tool_names(persona)
+            specs = self.tools.registry.specs(names) if self.tools else ()
+            if specs and self.tools_store is not None:
+                # A resumed reply runs its tools again: what a crash left goes.
+                await self.tools_store.forget_unfinished(msg.event_id, persona.name)
+            hop = 0
+            while True:
+                params = self.sampling(persona)
+                choice = NONE
+                if specs and self.tools is not None:
+                    choice = self.tools.choice(persona, hop, names)
+                    params = params.with_(tools=specs, tool_choice=choice)
+                gen = self.backend_for(persona).generate(
+                    messages, params, session=f"{msg.room_id}|{persona.mxid}"
+                )
+                async for piece in gen:
+                    await stream.add(piece)
+                steps.append(gen.stats)
+                calls, note = tool_calls_of(gen)
+                if calls and choice == NONE and not stream.text:
+                    # Told to answer, it called again (a remote model may): stop here.
+                    error = f"the model kept calling tools ({hop} steps of tools)"
+                if not calls or choice == NONE:
+                    break
+                # A step of tools: what streamed stays as its own message; the next
+                # step's text is a new one (the final reply: one event plus edits).
+                said = await stream.finish() and stream.text
+                hop_results = await self._run_tools(persona, msg, intent, calls, note, hop, names)
+                results.extend(hop_results)
+                messages += [
+                    ChatMessage("assistant", said or note, tool_calls=tuple(calls)),
+                    *(
+                        ChatMessage("tool", r.content, tool_call_id=r.call.id, name=r.call.name)
+                        for r in hop_results
+                    ),
+                ]
+                hop += 1
+                existing = None if stream.wrote else stream.resumed_on
+                stream = LiveReply(self, intent, persona, msg, extra, existing=existing, hop=hop)
+                await self.sender.typing(intent, msg.room_id, True)
+            stats = _combined(steps) if steps else stats
         except InferenceError as e:
             error = str(e)
         finally:
@@ -191,26 +261,105 @@ class ReplyService:
                 persona=persona.name,
             )
             await self._settle(persona, msg, "failed", event_id)
-            await self._done(ReplyDone(persona, msg, event_id, stats, model, None, 0, error))
+            await self._done(
+                ReplyDone(persona, msg, event_id, stats, model, None, 0, error, tuple(results))
+            )
             return event_id
+        if results and self.tools_store is not None:
+            await self.tools_store.set_reply(msg.event_id, persona.name, event_id)
         await self._settle(persona, msg, "done", event_id)  # the final edit is out
         assert prompt is not None and chapter is not None
-        metrics.observe_generation(stats, model)
+        for step in steps:
+            metrics.observe_generation(step, model)
         log.info(
-            "reply done: %d tokens, ttft %.2fs, %d edits",
+            "reply done: %d tokens, ttft %.2fs, %d edits, %d tool calls",
             stats.completion_tokens,
             stats.ttft_s or 0.0,
             stream.edits_sent,
+            len(results),
             extra={"room_id": msg.room_id, "persona": persona.name, "event_id": msg.event_id},
         )
         await self._record_usage(persona, msg, stats, model, prompt.messages)
         self._maybe_summarize(persona, msg.room_id, prompt, chapter)
         await self._done(
             ReplyDone(
-                persona, msg, event_id, stats, model, stream.first_visible_s, stream.edits_sent
+                persona,
+                msg,
+                event_id,
+                stats,
+                model,
+                stream.first_visible_s,
+                stream.edits_sent,
+                tool_results=tuple(results),
             )
         )
         return event_id
+
+    def _tool_names(self, persona: Persona) -> list[str]:
+        if self.tools is None or self.tools.config.max_hops <= 0:
+            return []
+        return self.tools.names_for(persona)
+
+    async def _run_tools(
+        self,
+        persona: Persona,
+        msg: StoredMessage,
+        intent: IntentAPI,
+        calls: Sequence[ToolCall],
+        note: str,
+        hop: int,
+        allowed: list[str],
+    ) -> list[ToolResult]:
+        """Run one step's calls in order, each announced in the room while it runs."""
+        assert self.tools is not None
+        ctx = ToolContext(msg.room_id, persona.name, msg.sender, msg.event_id)
+        out: list[ToolResult] = []
+        for i, call in enumerate(calls):
+            tool = self.tools.registry.get(call.name) if call.name in allowed else None
+            shown = note if note and i == 0 else (tool.describe(call.arguments) if tool else "")
+            if shown:
+                await self.sender.send_text(
+                    intent,
+                    msg.room_id,
+                    shown if note and i == 0 else f"🔧 {shown}",
+                    txn_id=stable_txn_id(msg.event_id, persona.mxid, "tool", str(hop), str(i)),
+                    notice=True,
+                    persona=persona.name,
+                )
+
+            async def post(text: str, n: int = i) -> str:
+                return await self.sender.send_text(
+                    intent,
+                    msg.room_id,
+                    f"{persona.displayname}: {text}",
+                    txn_id=stable_txn_id(msg.event_id, persona.mxid, "approval", str(hop), str(n)),
+                    notice=True,
+                    persona=persona.name,
+                )
+
+            result = await self.tools.runner.run(
+                call, ctx, allowed, post=post, hop=hop, note=note if i == 0 else ""
+            )
+            out.append(result)
+            if self.tools_store is not None:
+                await self.tools_store.add(
+                    StoredToolCall(
+                        event_id=msg.event_id,
+                        persona=persona.name,
+                        room_id=msg.room_id,
+                        hop=hop,
+                        call_id=call.id,
+                        tool=call.name,
+                        arguments=dict(call.arguments),
+                        note=result.note,
+                        result=result.content,
+                        outcome=result.outcome,
+                        duration_ms=int(result.duration_s * 1000),
+                        reply_event_id=None,
+                        created_at=int(time.time() * 1000),
+                    )
+                )
+        return out
 
     async def _record_usage(
         self,
@@ -275,8 +424,12 @@ class LiveReply:
         extra: dict[str, object],
         *,
         existing: str | None = None,
+        hop: int = 0,
     ) -> None:
-        """``existing``: a reply already posted (a resumed job); it is edited, never re-sent."""
+        """``existing``: a reply already posted (a resumed job); it is edited, never re-sent.
+        ``hop``: the step of a reply with tools this message is for (its own txn ids)."""
+        self.resumed_on = existing
+        self._hop = () if hop == 0 else (f"hop{hop}",)
         cfg = service.config.replies
         self.service = service
         self.intent = intent
@@ -293,8 +446,14 @@ class LiveReply:
         # run's would make Synapse answer with that run's (partial) edit.
         self._edit_tag = "resume-edit" if existing else "edit"
         self.edits_sent = 0
+        self.wrote = False  # sent or edited something
         self.first_visible_s: float | None = None
         self._started = time.monotonic()
+
+    @property
+    def text(self) -> str:
+        """What the message shows (or would) once finished."""
+        return self._visible(streaming=False)
 
     def _visible(self, *, streaming: bool) -> str:
         return strip_think(self.raw, self.show_thinking, streaming=streaming).strip()
@@ -316,13 +475,14 @@ class LiveReply:
             return
         sender, msg, persona = self.service.sender, self.msg, self.persona
         html = markdown_to_html(text)
+        self.wrote = True
         if self.event_id is None:
             self.first_visible_s = time.monotonic() - self._started
             self.event_id = await sender.send_text(
                 self.intent,
                 msg.room_id,
                 text,
-                txn_id=stable_txn_id(msg.event_id, persona.mxid),
+                txn_id=stable_txn_id(msg.event_id, persona.mxid, *self._hop),
                 html=html,
                 persona=persona.name,
                 extra=self.extra,
@@ -337,8 +497,25 @@ class LiveReply:
                 self.event_id,
                 text,
                 txn_id=stable_txn_id(
-                    msg.event_id, persona.mxid, self._edit_tag, str(self.edits_sent)
+                    msg.event_id, persona.mxid, self._edit_tag, *self._hop, str(self.edits_sent)
                 ),
                 html=html,
                 persona=persona.name,
             )
+
+
+def _combined(steps: Sequence[GenerationStats]) -> GenerationStats:
+    """One reply's cost over its steps: tokens summed, time from the first to the last."""
+    if len(steps) == 1:
+        return steps[0]
+    first, last = steps[0], steps[-1]
+    total = GenerationStats(model=last.model, backend=last.backend, started_at=first.started_at)
+    for s in steps:
+        total.prompt_tokens += s.prompt_tokens
+        total.cached_tokens += s.cached_tokens
+        total.evaluated_tokens += s.evaluated_tokens
+        total.completion_tokens += s.completion_tokens
+    total.ttft_s = first.ttft_s
+    total.queue_wait_s = first.queue_wait_s
+    total.finish(last.finish_reason or "stop")
+    return total

@@ -53,6 +53,10 @@ class Summarizer:
         self.written = 0
         self.failed = 0
 
+    async def apply_config(self, config: Config) -> None:
+        """Reloaded summary settings hold from the next chapter (a running one finishes)."""
+        self.config = config
+
     def running(self, room_id: str) -> bool:
         job = self._jobs.get(room_id)
         return job is not None and not job.done()

@@ -238,6 +238,21 @@ class LoopGuard:
         self._detectors: dict[str, PingPongDetector] = {}
         self._turns = PersonaTurnLimiter(max_turns_per_minute)
 
+    def reconfigure(
+        self, threshold: int, cooldown_s: float, max_turns_per_minute: int
+    ) -> None:
+        """New limits from the next message on (a reloaded config).
+
+        Patterns seen so far are dropped: they were counted against the old
+        threshold. Turns taken this minute still count against the new cap.
+        """
+        PingPongDetector(threshold, cooldown_s, self.max_history)  # validate first
+        PersonaTurnLimiter(max_turns_per_minute)
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._detectors.clear()
+        self._turns.max_per_minute = max_turns_per_minute
+
     def detector(self, room_id: str) -> PingPongDetector:
         det = self._detectors.get(room_id)
         if det is None:

@@ -54,7 +54,11 @@ REQUIRED_ALERTS = {
 #: Scrape and rule evaluation interval: short, so the test waits seconds, not minutes.
 INTERVAL_S = 2
 #: Grafana's built-in interval variables, as Grafana would expand them at this interval.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": f"{INTERVAL_S}s"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": f"{INTERVAL_S}s",
+    "$model": ".*",  # the dashboard's model variable, on "All"
+}
 RFC3339 = re.compile(r"^(?P<date>[^.Z+]+?)(?P<frac>\.\d+)?(?P<zone>Z|[+-]\d\d:\d\d)$")
 
 

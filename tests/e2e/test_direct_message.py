@@ -85,12 +85,12 @@ async def test_invite_from_outside_the_allowlist_is_refused(
 
     from hivebridge.config import PermissionsConfig
 
-    # Only @nobody may invite now; alice's invite must be rejected.
-    bridge.config = replace(
+    # Only @nobody may invite now (as a config reload would say); alice's invite is rejected.
+    config = replace(
         bridge.config, permissions=PermissionsConfig(invite_allowlist=("@nobody:hive.test",))
     )
-    bridge.parts.handler.membership.permissions = bridge.config.permissions
-    persona = bridge.config.persona_mxid(bridge.config.default_persona.name)
+    await bridge.parts.handler.membership.apply_config(config)
+    persona = config.persona_mxid(config.default_persona.name)
     async with await homeserver.human("mallory") as mallory:
         room = await mallory.create_room([persona], direct=True)
         leave = await mallory.wait_for(

@@ -68,7 +68,7 @@ async def running(
     bridge = Bridge(config, registration)
     await bridge.start()
     try:
-        recorder = RecordingBackend(bridge.parts.local)
+        recorder = RecordingBackend(bridge.parts.models.backend(bridge.parts.default_model))
 
         def backend_for(persona: Persona) -> Backend:
             return recorder

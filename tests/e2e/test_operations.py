@@ -179,7 +179,7 @@ async def test_metrics_move_with_a_real_exchange(homeserver: Homeserver, ops: Op
     # The local engine's queue: the reply's wait observed once, the gauges fed per model
     # (read from the engine at the scrape; it is idle again now).
     assert grew("hivebridge_inference_queue_wait_seconds_count") == 1
-    for model in ops.bridge.parts.catalogue.loaded:
+    for model in ops.bridge.parts.models.engines():
         label = (("model", metrics.model_label(model)),)
         assert after[("hivebridge_inference_queue_depth", label)] == 0
         assert after[("hivebridge_inference_active_sequences", label)] == 0
@@ -223,10 +223,10 @@ async def test_admin_api_on_a_real_bridge(homeserver: Homeserver, ops: Ops) -> N
         local = [m for m in models if m["local_file"]]
         assert local and all(m["loaded"] for m in local)
         name = local[0]["name"]
-        # The serial local backend cannot unload: a clear 409, and the model stays.
+        # Unload frees the local model; load brings it back (the models manager does it).
         async with http.post(f"{ops.admin_url}/api/v1/models/{name}/unload", headers=auth) as resp:
-            assert resp.status == 409
-            assert "cannot unload" in (await resp.json())["error"]
+            assert resp.status == 200
+            assert (await resp.json())["loaded"] is False
         async with http.post(f"{ops.admin_url}/api/v1/models/{name}/load", headers=auth) as resp:
             assert resp.status == 200
             assert (await resp.json())["loaded"] is True

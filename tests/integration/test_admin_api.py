@@ -24,6 +24,8 @@ class FakeProvider:
         self.homeserver = True
         self.ready = True
         self.models: dict[str, bool] = {"smollm2": True, "tiny": False}
+        self.spawned: list[dict[str, Any]] = []
+        self.backfills: list[tuple[str, int | None]] = []
 
     async def check_database(self) -> bool:
         return self.database
@@ -57,6 +59,25 @@ class FakeProvider:
 
     async def list_personas(self) -> list[dict[str, Any]]:
         return [{"name": "assistant", "mxid": "@hive_assistant:example.org", "model": None}]
+
+    async def persona(self, name: str) -> dict[str, Any]:
+        if name != "assistant":
+            raise AdminError(404, f"No persona named {name!r}")
+        return {"name": name, "system_prompt": "Be brief."}
+
+    async def spawn_persona(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.spawned.append(body)
+        return {"name": body.get("name"), "text": "Spawned."}
+
+    async def despawn_persona(self, name: str) -> dict[str, Any]:
+        return {"name": name, "text": "Despawned."}
+
+    async def list_rooms(self) -> list[dict[str, Any]]:
+        return [{"room_id": "!r:example.org", "personas": ["assistant"], "active": True}]
+
+    async def backfill(self, room: str, limit: int | None) -> dict[str, Any]:
+        self.backfills.append((room, limit))
+        return {"room_id": room, "stored": 0}
 
     async def stats(self) -> dict[str, Any]:
         raise RuntimeError("boom: secret internals")
@@ -104,6 +125,11 @@ async def test_admin_routes_need_the_token(
         ("POST", "/api/v1/models/tiny/load"),
         ("POST", "/api/v1/models/tiny/unload"),
         ("GET", "/api/v1/personas"),
+        ("POST", "/api/v1/personas"),
+        ("GET", "/api/v1/personas/assistant"),
+        ("DELETE", "/api/v1/personas/assistant"),
+        ("GET", "/api/v1/rooms"),
+        ("POST", "/api/v1/rooms/%21r%3Aexample.org/backfill"),
         ("GET", "/api/v1/stats"),
     ]:
         async with session.request(method, base + path, headers=headers) as resp:
@@ -126,6 +152,53 @@ async def test_right_token_gets_json(
         assert resp.status == 200
         assert await resp.json() == {"name": "tiny", "loaded": True}
     assert provider.models["tiny"] is True
+
+
+async def test_persona_and_room_routes(
+    http: tuple[aiohttp.ClientSession, str], provider: FakeProvider
+) -> None:
+    session, base = http
+    async with session.get(f"{base}/api/v1/personas/assistant", headers=AUTH) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["system_prompt"] == "Be brief."
+    async with session.get(f"{base}/api/v1/personas/nobody", headers=AUTH) as resp:
+        assert resp.status == 404
+        assert (await resp.json()) == {"error": "No persona named 'nobody'"}
+    body = {"name": "ada", "room": "#lab:example.org"}
+    async with session.post(f"{base}/api/v1/personas", headers=AUTH, json=body) as resp:
+        assert resp.status == 201
+        assert (await resp.json())["text"] == "Spawned."
+    assert provider.spawned == [body]
+    async with session.delete(f"{base}/api/v1/personas/ada", headers=AUTH) as resp:
+        assert resp.status == 200
+    async with session.get(f"{base}/api/v1/rooms", headers=AUTH) as resp:
+        assert (await resp.json())["rooms"][0]["room_id"] == "!r:example.org"
+    room = "/api/v1/rooms/%21r%3Aexample.org/backfill"
+    async with session.post(f"{base}{room}", headers=AUTH) as resp:
+        assert resp.status == 200
+    async with session.post(f"{base}{room}", headers=AUTH, json={"limit": 5}) as resp:
+        assert resp.status == 200
+    assert provider.backfills == [("!r:example.org", None), ("!r:example.org", 5)]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/personas", "not json"),
+        ("/api/v1/personas", "[1, 2]"),
+        ("/api/v1/personas", ""),
+        ("/api/v1/rooms/%21r%3Ax/backfill", '{"limit": "ten"}'),
+        ("/api/v1/rooms/%21r%3Ax/backfill", '{"limit": true}'),
+        ("/api/v1/rooms/%21r%3Ax/backfill", "[]"),
+    ],
+)
+async def test_bad_bodies_are_400_json(
+    http: tuple[aiohttp.ClientSession, str], path: str, body: str
+) -> None:
+    session, base = http
+    async with session.post(f"{base}{path}", headers=AUTH, data=body) as resp:
+        assert resp.status == 400
+        assert "error" in await resp.json()
 
 
 async def test_unknown_model_is_404_json(http: tuple[aiohttp.ClientSession, str]) -> None:

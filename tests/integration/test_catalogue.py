@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hivebridge.catalogue import ModelCatalogue, local_model_name, scan_local_models
+from hivebridge.catalogue import ModelCatalogue
 from hivebridge.commands.base import CommandContext, CommandTable
 from hivebridge.commands.models import ModelCommands, failover_note, resolve_key, safe_url
 from hivebridge.commands.stats import StatsCommands
@@ -26,7 +26,7 @@ from hivebridge.db.endpoints import EndpointStore, StoredEndpoint
 from hivebridge.db.usage import RateLimitStore, UsageStore
 from hivebridge.inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
 from hivebridge.inference.endpoints import RetryPolicy, RouterConfig
-from hivebridge.inference.local import EngineSettings, LocalEngine
+from hivebridge.inference.local import EngineSettings, LocalModels, ModelSource
 from hivebridge.inference.remote import EndpointTimeouts
 from hivebridge.inference.router import InferenceRouter
 from hivebridge.permissions import Role
@@ -68,13 +68,15 @@ def model_path() -> Path:
 
 
 @pytest.fixture
-async def local(model_path: Path) -> AsyncIterator[LocalEngine]:
-    backend = LocalEngine(
-        model_path, EngineSettings(n_ctx=2048, n_seq_max=2, threads=1, adaptive_threads=False)
+async def local(model_path: Path) -> AsyncIterator[LocalModels]:
+    models = LocalModels(
+        lambda: [ModelSource(BUNDLED_MODEL_NAME, model_path, default=True)],
+        EngineSettings(n_ctx=2048, n_seq_max=2, threads=1, adaptive_threads=False),
     )
-    await backend.start()
-    yield backend
-    await backend.stop()
+    await models.rescan()
+    await models.load(BUNDLED_MODEL_NAME)
+    yield models
+    await models.close()
 
 
 def config(**limits: object) -> Config:
@@ -111,20 +113,14 @@ class Harness:
 
 
 async def harness(
-    db_url: str, local: LocalEngine, model_path: Path, cfg: Config
+    db_url: str, local: LocalModels, model_path: Path, cfg: Config
 ) -> tuple[Harness, object]:
     db = await open_database(db_url)
-    router = InferenceRouter(fallback=local, config=FAST)
-    name = local_model_name(model_path)
+    router = InferenceRouter(fallback=local.backend(BUNDLED_MODEL_NAME), config=FAST)
     stored = EndpointStore(db)
     for e in await stored.all():
         await router.add_endpoint(e.name, e.url, resolve_key(e.api_key))
-    catalogue = ModelCatalogue(
-        CatalogueStore(db),
-        router,
-        scan_local=lambda: scan_local_models(model_path, ()),
-        loaded={name: local},
-    )
+    catalogue = ModelCatalogue(CatalogueStore(db), router, local)
     await catalogue.load()
     usage = UsageStore(db)
     limits = Limits(
@@ -165,7 +161,7 @@ async def test_ids_and_aliases_survive_restart(db_url: str) -> None:
 async def test_commands_against_real_endpoint(
     sqlite_url: str,
     server: LlamaServer,
-    local: LocalEngine,
+    local: LocalModels,
     model_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -173,7 +169,8 @@ async def test_commands_against_real_endpoint(
     h, db = await harness(sqlite_url, local, model_path, config())
     try:
         models = await h.run("!models")
-        assert f"1. {BUNDLED_MODEL_NAME} — local file {model_path.name} — loaded" in models
+        assert f"1. {BUNDLED_MODEL_NAME} — local file {model_path.name} (" in models
+        assert "MiB, Q4_1, 8,192-token context) — loaded, 0 of 31 layers on a GPU" in models
 
         # Plain users may not add endpoints; a bad URL gets a usage line, not a traceback.
         refused = await h.run(f"!add_endpoint gpu1 {server.base_url} {KEY}", "@u:x", "user")

@@ -1,7 +1,8 @@
 """Transaction metrics and the admin provider on real SQLite and PostgreSQL.
 
 The Synapse path is tests/e2e/test_operations.py; here the same code runs against
-both databases, with the homeserver and the model replaced by small fakes.
+both databases, with the homeserver replaced by a small fake and two real local
+models (the bundled one as "tiny", its Q8_0 copy as "other").
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ from mautrix.types import VersionsResponse
 from hivebridge import metrics
 from hivebridge.admin import BridgeAdmin
 from hivebridge.catalogue import ModelCatalogue
+from hivebridge.commands.personas import PersonaCommands
 from hivebridge.config import Config, HomeserverConfig
 from hivebridge.db import open_database
 from hivebridge.db.catalogue import CatalogueStore
+from hivebridge.db.messages import MessageStore
 from hivebridge.db.personas import Persona, PersonaStore
+from hivebridge.db.rooms import RoomStore
 from hivebridge.db.usage import UsageRecord, UsageStore
+from hivebridge.inference.bundled import bundled_model_path
+from hivebridge.inference.local import EngineSettings, LocalModels, ModelSource
 from hivebridge.inference.router import InferenceRouter
+from hivebridge.matrix.members import RoomMembers
 from hivebridge.personas.directory import PersonaDirectory
+from hivebridge.personas.lifecycle import PersonaLifecycle
 from hivebridge.utc import utc_day
 from hivebridge.web import AdminError, AdminProvider, WebServer
 from tests.integration.test_intake import HS_TOKEN, put, start_intake, stop_intake, txn_body
-from tests.unit.test_router import FakeLocal
 
 TOKEN = "admin-token-for-db-tests-0123456789"
 
@@ -91,22 +98,24 @@ class FakeIntent:
 
 
 class Parts:
-    def __init__(self, admin: BridgeAdmin, intent: FakeIntent, local: FakeLocal) -> None:
+    def __init__(self, admin: BridgeAdmin, intent: FakeIntent, local: LocalModels) -> None:
         self.admin, self.intent, self.local = admin, intent, local
 
 
 @pytest.fixture
-async def parts(db_url: str) -> AsyncIterator[Parts]:
+async def parts(db_url: str, second_model: Path) -> AsyncIterator[Parts]:
     db = await open_database(db_url)
+    bundled = bundled_model_path()
+    assert bundled is not None
+    local = LocalModels(
+        lambda: [ModelSource("tiny", bundled, default=True), ModelSource("other", second_model)],
+        EngineSettings(n_ctx=1024, n_seq_max=2, threads=1),
+    )
     try:
-        local = FakeLocal("local:tiny")
-        router = InferenceRouter(fallback=local, default_model="tiny")
-        catalogue = ModelCatalogue(
-            CatalogueStore(db),
-            router,
-            scan_local=lambda: {"tiny": Path("tiny.gguf"), "other": Path("other.gguf")},
-            loaded={"tiny": local},
-        )
+        await local.rescan()
+        await local.load("tiny")
+        router = InferenceRouter(fallback=local.backend("tiny"), default_model="tiny")
+        catalogue = ModelCatalogue(CatalogueStore(db), router, local)
         await catalogue.load()
         config = Config(homeserver=HomeserverConfig(address="http://127.0.0.1:9", domain="x.test"))
         store = PersonaStore(db)
@@ -143,9 +152,16 @@ async def parts(db_url: str) -> AsyncIterator[Parts]:
             catalogue=catalogue,
             personas=personas,
             usage=usage,
+            commands=PersonaCommands(personas, PersonaLifecycle(personas)),
+            rooms=RoomStore(db),
+            messages=MessageStore(db),
+            members=RoomMembers(None),  # type: ignore[arg-type]  # no rooms asked here
+            load_local=local.load,
+            unload_local=local.unload,
         )
         yield Parts(admin, intent, local)
     finally:
+        await local.close()
         await db.stop()
 
 
@@ -169,33 +185,26 @@ async def test_provider_answers_from_the_database(parts: Parts) -> None:
     assert models["tiny"]["loaded"] and not models["other"]["loaded"]
 
 
-async def test_load_and_unload_refuse_clearly(parts: Parts) -> None:
+async def test_load_and_unload_change_what_is_loaded(parts: Parts) -> None:
     admin = parts.admin
     with pytest.raises(AdminError) as e:
         await admin.load_model("nope")
     assert e.value.status == 404
     assert (await admin.load_model("tiny"))["loaded"] is True  # already loaded: nothing to do
-    for call in (admin.load_model("other"), admin.unload_model("tiny")):
-        with pytest.raises(AdminError) as e:
-            await call
-        assert e.value.status == 409 and "at run time" in e.value.message
-    assert (await admin.unload_model("other"))["loaded"] is False  # not loaded: nothing to do
+    loaded = await admin.load_model("other")
+    assert loaded["loaded"] and loaded["local"]["state"] == "loaded"
+    assert loaded["local"]["quantization"] == "Q8_0" and loaded["local"]["offloaded_layers"] == 0
+    unloaded = await admin.unload_model("tiny")
+    assert unloaded["loaded"] is False and unloaded["local"]["state"] == "not loaded"
+    assert set(parts.local.engines()) == {"other"}
+    assert (await admin.unload_model("tiny"))["loaded"] is False  # not loaded: nothing to do
 
 
-async def test_load_and_unload_use_the_backend_when_it_can(parts: Parts) -> None:
-    admin = parts.admin
-    calls: list[tuple[str, str]] = []
-
-    async def load(name: str) -> None:
-        calls.append(("load", name))
-
-    async def unload(name: str) -> None:
-        calls.append(("unload", name))
-
-    admin.load_local, admin.unload_local = load, unload
-    await admin.load_model("other")
-    await admin.unload_model("tiny")
-    assert calls == [("load", "other"), ("unload", "tiny")]
+async def test_a_model_over_the_budget_is_refused_with_the_numbers(parts: Parts) -> None:
+    parts.local.memory_budget = 1 << 20  # 1 MiB: nothing fits
+    with pytest.raises(AdminError) as e:
+        await parts.admin.load_model("other")
+    assert e.value.status == 409 and "memory budget of 1 MiB" in e.value.message
 
 
 async def test_readiness_over_http_follows_the_homeserver(parts: Parts) -> None:
@@ -213,7 +222,10 @@ async def test_readiness_over_http_follows_the_homeserver(parts: Parts) -> None:
             assert body["checks"] == {"database": True, "homeserver": False, "models": True}
             auth = {"Authorization": f"Bearer {TOKEN}"}
             async with http.post(f"{url}/api/v1/models/tiny/unload", headers=auth) as resp:
-                assert resp.status == 409
-                assert "cannot unload" in (await resp.json())["error"]
+                assert resp.status == 200
+                assert (await resp.json())["local"]["state"] == "not loaded"
+            async with http.post(f"{url}/api/v1/models/tiny/load", headers=auth) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["local"]["state"] == "loaded"
     finally:
         await server.stop()

@@ -46,3 +46,49 @@ def test_sigterm_during_the_start_cancels_it_and_exits_zero() -> None:
     done = run("while-starting")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["started", "exited", "0"]
+
+
+RELOADING = textwrap.dedent(
+    """
+    import asyncio, os, signal
+    from hivebridge.app import serve
+
+    class Service:
+        def __init__(self) -> None:
+            self.reloads = 0
+
+        async def start(self) -> None:
+            print("started", flush=True)
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.1, os.kill, os.getpid(), signal.SIGHUP)
+            loop.call_later(0.3, os.kill, os.getpid(), signal.SIGHUP)
+            loop.call_later(0.6, os.kill, os.getpid(), signal.SIGTERM)
+
+        async def reload(self) -> None:
+            self.reloads += 1
+            print("reloaded", self.reloads, flush=True)
+            if self.reloads == 2:
+                raise RuntimeError("a reload that fails")  # logged; the service runs on
+
+        async def stop(self) -> None:
+            print("stopped", flush=True)
+
+    code = asyncio.run(serve(Service()))
+    print("exited", code, flush=True)
+    """
+)
+
+
+def test_sighup_reloads_and_the_service_keeps_running() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", RELOADING], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == [
+        "started",
+        "reloaded 1",
+        "reloaded 2",
+        "stopped",
+        "exited 0",
+    ]
+    assert "Traceback" not in done.stderr

@@ -30,6 +30,7 @@ def test_example_config_loads_with_every_section() -> None:
     assert config.appservice.hostname == "127.0.0.1"
     assert config.database.url.startswith("sqlite:")
     assert config.default_persona.name
+    assert config.tools.weather.base_url == "https://wttr.in" and config.tools.default == ()
 
 
 def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
@@ -57,6 +58,9 @@ def test_relative_sqlite_path_lives_under_data_dir(tmp_path: Path) -> None:
         (MINIMAL + "permissions:\n  owners: [alice]\n", "permissions.owners"),
         (MINIMAL + "default_persona:\n  name: Bad Name\n", "default_persona.name"),
         (MINIMAL + "inference:\n  local:\n    n_ctx: 10\n", "inference.local.n_ctx"),
+        (MINIMAL + "tools:\n  max_hops: 11\n", "tools.max_hops"),
+        (MINIMAL + "tools:\n  weather:\n    base_url: ftp://x\n", "tools.weather.base_url"),
+        (MINIMAL + "tools:\n  default: get_weather\n", "tools.default"),
     ],
 )
 def test_bad_key_is_named(tmp_path: Path, text: str, key: str) -> None:

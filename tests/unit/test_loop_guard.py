@@ -310,3 +310,15 @@ def test_loop_guard_forget_and_prune() -> None:
     assert len(guard) == 0
     with pytest.raises(ValueError):
         LoopGuard(threshold=1)
+
+
+def test_reconfigure_applies_new_limits_from_the_next_message() -> None:
+    guard = LoopGuard(threshold=5, cooldown_s=300, max_turns_per_minute=2)
+    assert guard.check_turn("!r", "@a:x", 0.0) is GuardVerdict.ALLOW
+    guard.reconfigure(threshold=3, cooldown_s=60, max_turns_per_minute=1)
+    # the turn already taken this minute counts against the new cap of 1
+    assert guard.check_turn("!r", "@a:x", 1.0) is GuardVerdict.TURN_CAP
+    assert guard.detector("!r").threshold == 3 and guard.detector("!r").cooldown_s == 60
+    with pytest.raises(ValueError):
+        guard.reconfigure(threshold=1, cooldown_s=60, max_turns_per_minute=1)
+    assert guard.threshold == 3  # a refused change leaves the running one

@@ -21,6 +21,8 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hivebridge_matrix_send_errors": ("counter", ("kind",)),
     "hivebridge_homeserver_rate_limited": ("counter", ()),
     "hivebridge_replies_failed": ("counter", ("reason",)),
+    "hivebridge_encrypted_messages_unanswered": ("counter", ()),
+    "hivebridge_encrypted_room_notices": ("counter", ("trigger",)),
     "hivebridge_routing_decisions": ("counter", ("answer", "reason")),
     "hivebridge_routing_pingpong_suppressed": ("counter", ("persona",)),
     "hivebridge_routing_rate_limited": ("counter", ("scope",)),
@@ -35,8 +37,13 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hivebridge_model_load_seconds": ("histogram", ("model",)),
     "hivebridge_model_loaded": ("gauge", ("model",)),
     "hivebridge_model_memory_bytes": ("gauge", ("model",)),
+    "hivebridge_model_loads": ("counter", ("model",)),
+    "hivebridge_model_unloads": ("counter", ("model",)),
+    "hivebridge_model_offloaded_layers": ("gauge", ("model",)),
     "hivebridge_endpoint_errors": ("counter", ("endpoint", "kind")),
     "hivebridge_endpoint_failovers": ("counter", ("endpoint",)),
+    "hivebridge_tool_calls": ("counter", ("tool", "outcome")),
+    "hivebridge_tool_duration_seconds": ("histogram", ("tool",)),
 }
 
 

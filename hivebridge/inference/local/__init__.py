@@ -1,21 +1,31 @@
-"""Local llama.cpp inference: one model, one context, one engine thread.
+"""Local llama.cpp inference: the models manager and one engine per loaded model.
 
 See docs/engine.md for the design (continuous batching, prefix reuse,
-snapshots, threads).
+snapshots, threads, several models sharing the cores).
 """
 
 from .engine import EngineLoad, LocalEngine, LocalGeneration
-from .registry import LocalModelRegistry, MemoryBudgetExceeded, ModelInfo
+from .models import (
+    LoadState,
+    LocalModels,
+    ManagedModel,
+    MemoryBudgetExceeded,
+    ModelFile,
+    ModelSource,
+)
 from .settings import EngineSettings, SamplingDefaults, WorkerProfile, usable_cores
 
 __all__ = [
     "EngineLoad",
     "EngineSettings",
+    "LoadState",
     "LocalEngine",
     "LocalGeneration",
-    "LocalModelRegistry",
+    "LocalModels",
+    "ManagedModel",
     "MemoryBudgetExceeded",
-    "ModelInfo",
+    "ModelFile",
+    "ModelSource",
     "SamplingDefaults",
     "WorkerProfile",
     "usable_cores",

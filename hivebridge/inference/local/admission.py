@@ -147,7 +147,9 @@ class Admission:
         req.n_past = len(seq.tokens)
         req.cached = req.n_past
         req.phase = Phase.PREFILL
-        req.sampler = SamplerChain(req.sampling, self.model.n_vocab, self.model.eog_tokens)
+        req.sampler = SamplerChain(
+            req.sampling, self.model.n_vocab, self.model.eog_tokens, self.model.vocab
+        )
         req.detok = Detokenizer(self.model.vocab)
         req.stop = StopMatcher(req.sampling.stop)
         self.maybe_pin(req)

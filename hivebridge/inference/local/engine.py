@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hivebridge.inference.envelope import EnvelopeGeneration, generate_with_envelope
 from hivebridge.inference.generation import StreamingGeneration
 from hivebridge.inference.types import (
     BackendUnavailable,
@@ -28,12 +29,14 @@ from hivebridge.inference.types import (
     SamplingParams,
 )
 
+from .grammar import check_grammar, grammar_for_schema
 from .model import LoadedModel, load_model
 from .prompt import PromptRenderer, fit_messages
 from .sampler import ResolvedSampling, random_seed
 from .scheduler import Request, Scheduler, Update
 from .settings import EngineSettings
 from .snapshots import SnapshotStore
+from .turns import CoreTurns
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +165,12 @@ class LocalEngine:
         *,
         name: str | None = None,
         model_name: str | None = None,
+        turns: CoreTurns | None = None,
     ) -> None:
+        """``turns``: shared with every other loaded model, so only one decodes at a time."""
         self.model_path = Path(model_path)
         self.settings = settings or EngineSettings()
+        self._turns = turns or CoreTurns()
         self.model_name = model_name or self.model_path.name.removesuffix(".gguf")
         self.name = name or f"local:{self.model_name}"
         self._model: LoadedModel | None = None
@@ -196,6 +202,18 @@ class LocalEngine:
     @property
     def ready(self) -> bool:
         return self._accepting and self.alive
+
+    @property
+    def offloaded_layers(self) -> int:
+        """Layers on a GPU (0 on a CPU-only build, or before the model is loaded)."""
+        model = self._model
+        return model.offloaded_layers if model is not None else 0
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The loaded model's identity (file, context parameters, template); None unloaded."""
+        model = self._model
+        return model.fingerprint if model is not None else None
 
     async def start(self) -> None:
         """Load the model on the engine thread (the event loop never blocks on it)."""
@@ -312,8 +330,18 @@ class LocalEngine:
             repeat_last_n=d.repeat_last_n,
             seed=int(seed),
             stop=tuple(params.stop or ()),
-            ignore_eos=ignore_eos,
+            ignore_eos=ignore_eos or params.ignore_eos,
+            grammar=self._grammar(params),
         )
+
+    def _grammar(self, params: SamplingParams) -> str | None:
+        """The grammar of ``params.response_format`` (checked), or None."""
+        if params.response_format is None:
+            return None
+        grammar = grammar_for_schema(params.response_format.schema_json())
+        with self._vocab_lock:
+            check_grammar(self._need_model().vocab, grammar)
+        return grammar
 
     # --- Backend -----------------------------------------------------------------------------
 
@@ -324,14 +352,18 @@ class LocalEngine:
         *,
         session: str | None = None,
         ignore_eos: bool = False,
-    ) -> LocalGeneration:
+    ) -> LocalGeneration | EnvelopeGeneration:
         """Start a request; ``session`` (e.g. "!room:hs|@persona:hs") keeps its KV warm.
 
         Raises BackendUnavailable when the model is not loaded (or the engine died).
         ``ignore_eos`` is for benchmarks: generate exactly ``max_tokens`` tokens.
+        ``params.response_format`` constrains the output with a grammar; a request
+        with ``params.tools`` is answered in the reply envelope (inference/envelope.py).
         """
         if asyncio.get_running_loop() is not self._loop:
             raise RuntimeError("generate() must run on the event loop that started the engine")
+        if params.tools:  # no native tool calls here: the reply envelope, under a grammar
+            return generate_with_envelope(self.generate, messages, params, session=session)
         stats = GenerationStats(model=self.model_name, backend=self.name)
         model = self._need_model()
         sampling = self.resolve(params, ignore_eos=ignore_eos)
@@ -520,12 +552,16 @@ class LocalEngine:
                 sched.fail_all(self.unavailable_error())
                 self._flush()
                 return
-            if sched.has_work() and not sched.step():
-                time.sleep(0.005)  # waiting requests, none runnable yet
-            self._flush()
+            if sched.has_work():
+                with self._turns:
+                    stepped = sched.step()
+                if not stepped:
+                    time.sleep(0.005)  # waiting requests, none runnable yet
+            # The load first: whoever hears that a request ended sees it gone from the load.
             load = EngineLoad(len(sched.waiting), len(sched.active))
             if load != self._load:
                 self._load = load
+            self._flush()
 
 
 def _deliver(items: list[tuple[Callable[[Update], None], Update]]) -> None:

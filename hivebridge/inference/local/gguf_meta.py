@@ -50,7 +50,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     """All scalar/string metadata; arrays (the vocabulary) are skipped."""
     with path.open("rb") as f:
         if _read(f, 4) != b"GGUF":
-            raise GGUFError(f"{path} is not a GGUF file")
+            raise GGUFError("no GGUF magic at the start")
         (version,) = struct.unpack("<I", _read(f, 4))
         if version < 2:
             raise GGUFError(f"GGUF version {version} is too old")
@@ -65,6 +65,16 @@ def read_metadata(path: Path) -> dict[str, Any]:
         return meta
 
 
+#: ``general.file_type`` (llama.cpp's ``llama_ftype``) as the quantisation names people use.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+}  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class ModelShape:
     arch: str
@@ -74,6 +84,7 @@ class ModelShape:
     n_head_kv: int
     n_ctx_train: int
     chat_template: str | None
+    quantization: str = "?"
 
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """K and V per token for all layers at f16 (the engine's cache type)."""
@@ -98,4 +109,11 @@ def model_shape(path: Path) -> ModelShape:
         n_head_kv=geti("attention.head_count_kv", n_head),
         n_ctx_train=geti("context_length", 2048),
         chat_template=meta.get("tokenizer.chat_template"),
+        quantization=_file_type(meta.get("general.file_type")),
     )
+
+
+def _file_type(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return FILE_TYPES.get(value, f"type {value}")
+    return "?"

@@ -74,6 +74,9 @@ class LoadedModel:
     eos_text: str
     kv_bytes_per_token: int
     fingerprint: str
+    n_layer: int
+    offloaded_layers: int
+    """Layers llama.cpp put on a GPU: 0 on a CPU-only build whatever was asked."""
     batch_invariant: bool
     """Greedy output cannot depend on batching or cache layout (docs/engine.md, Exactness)."""
 
@@ -122,6 +125,18 @@ def llamafile_kernels() -> bool:
     return "LLAMAFILE = 1" in L.llama_print_system_info().decode("utf-8", "replace")
 
 
+def offloaded_layers(requested: int, n_layer: int) -> int:
+    """How many layers llama.cpp offloads for ``n_gpu_layers=requested``.
+
+    The repeating layers plus the output layer count (as llama.cpp's own
+    "offloaded N/M layers" line does); nothing without a GPU backend.
+    """
+    if requested == 0 or not L.llama_supports_gpu_offload():
+        return 0
+    total = n_layer + 1
+    return total if requested < 0 else min(requested, total)
+
+
 def _token_text(vocab: object, token: int) -> str:
     buf = ctypes.create_string_buffer(256)
     n = L.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
@@ -132,6 +147,7 @@ def load_model(path: Path, settings: EngineSettings) -> LoadedModel:
     """Load ``path`` and create the engine's context (call from the engine thread)."""
     _init_backend()
     mparams = L.llama_model_default_params()
+    mparams.n_gpu_layers = settings.n_gpu_layers
     model = L.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {path}")
@@ -206,5 +222,7 @@ def load_model(path: Path, settings: EngineSettings) -> LoadedModel:
         eos_text=_token_text(vocab, eos) if eos >= 0 else "",
         kv_bytes_per_token=kv_per_token,
         fingerprint=fingerprint,
+        n_layer=n_layer,
+        offloaded_layers=offloaded_layers(settings.n_gpu_layers, n_layer),
         batch_invariant=invariant,
     )

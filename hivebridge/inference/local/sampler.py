@@ -24,6 +24,7 @@ class ResolvedSampling:
     seed: int
     stop: tuple[str, ...]
     ignore_eos: bool = False
+    grammar: str | None = None  # GBNF (root rule "root") the output must match
 
 
 class SamplerChain:
@@ -31,12 +32,27 @@ class SamplerChain:
 
     Order follows llama.cpp's common sampler: penalties, top-k, top-p, min-p,
     temperature, dist (seeded). Temperature 0 means greedy (argmax after penalties).
+    A grammar goes first: every token it rejects is out before anything is picked,
+    so the output always matches it (and ends, with an end-of-generation token,
+    only where the grammar does).
     """
 
-    def __init__(self, s: ResolvedSampling, n_vocab: int, eog_tokens: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        s: ResolvedSampling,
+        n_vocab: int,
+        eog_tokens: tuple[int, ...],
+        vocab: object | None = None,
+    ) -> None:
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         if self._chain is None:
             raise MemoryError("llama_sampler_chain_init failed")
+        if s.grammar is not None and vocab is not None:
+            grammar = L.llama_sampler_init_grammar(vocab, s.grammar.encode(), b"root")
+            if not grammar:  # checked when the request came in; never expected here
+                self.free()
+                raise ValueError("llama.cpp rejected the grammar")
+            self._add(grammar)
         if s.ignore_eos and eog_tokens:
             biases = (L.llama_logit_bias * len(eog_tokens))()
             for i, tok in enumerate(eog_tokens):

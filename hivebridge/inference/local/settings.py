@@ -54,6 +54,8 @@ class EngineSettings:
     """Decode threads; None = usable cores. Capped at usable cores (see docs/engine.md)."""
     threads_batch: int | None = None
     """Prefill threads; None = ``threads``."""
+    n_gpu_layers: int = 0
+    """Layers offloaded to a GPU (-1 = all); a CPU-only llama.cpp build offloads none."""
     adaptive_threads: bool = True
     """Drop to 1 thread while another process competes for the cores (see threads.py)."""
     prefill_chunk: int = 256
@@ -102,12 +104,20 @@ class WorkerProfile:
     n_ctx: int | None = None
     n_seq_max: int | None = None
     threads: int | None = None
+    n_gpu_layers: int | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
+
+    @property
+    def changes_engine(self) -> bool:
+        """Whether a model loaded for this profile differs from the model's own engine."""
+        return any(
+            v is not None for v in (self.n_ctx, self.n_seq_max, self.threads, self.n_gpu_layers)
+        )
 
     def apply(self, base: EngineSettings) -> EngineSettings:
         sampling_changes = {
@@ -128,6 +138,7 @@ class WorkerProfile:
                 ("n_ctx", self.n_ctx),
                 ("n_seq_max", self.n_seq_max),
                 ("threads", self.threads),
+                ("n_gpu_layers", self.n_gpu_layers),
             )
             if v is not None
         }
