@@ -284,6 +284,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         memory_budget=local.memory_budget_bytes,
         profiles=worker_profiles(config),
         unload_grace_s=local.unload_grace_s,
+        busy_wait_s=local.busy_wait_s,
         hooks=model_hooks(),
     )
     inference = InferenceRouter(

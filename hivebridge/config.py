@@ -200,6 +200,9 @@ class LocalInferenceConfig:
     #: Seconds a model's running replies get to finish when it is unloaded (!unload,
     #: or to make room); then they are cancelled.
     unload_grace_s: float = 10.0
+    #: Seconds a load that needs room waits for a busy model (one with a reply running)
+    #: to go idle before it is refused: swaps queue behind replies instead of failing.
+    busy_wait_s: float = 30.0
     #: Total KV cache in tokens. Partitioned (the default): each of the n_seq_max
     #: sequences gets n_ctx / n_seq_max of it, the most one room's prompt + reply
     #: can use. Unified: one pool shared by all sequences.
@@ -242,6 +245,8 @@ class LocalInferenceConfig:
                 ) from None
         if self.unload_grace_s < 0:
             raise ConfigError("inference.local.unload_grace_s", "must not be negative")
+        if self.busy_wait_s < 0:
+            raise ConfigError("inference.local.busy_wait_s", "must not be negative")
         if self.n_ctx < 256:
             raise ConfigError("inference.local.n_ctx", "must be at least 256")
         if not 1 <= self.n_seq_max <= 256:

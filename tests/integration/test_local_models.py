@@ -125,7 +125,7 @@ async def test_budget_unloads_the_least_recently_used_idle_model(models_dir: Pat
 
 
 async def test_a_busy_model_is_not_evicted(models_dir: Path) -> None:
-    models = manager(models_dir)
+    models = manager(models_dir, busy_wait_s=0.3)
     files = {f.name: f for f in await models.rescan()}
     models.memory_budget = max(models.estimate_bytes(f, SMALL) for f in files.values()) + 1
     try:
@@ -135,7 +135,27 @@ async def test_a_busy_model_is_not_evicted(models_dir: Path) -> None:
         assert await asyncio.wait_for(anext(aiter(busy)), 60)
         with pytest.raises(MemoryBudgetExceeded, match="held by models in use"):
             await models.load("q8")
+        assert models.state(BUNDLED_MODEL_NAME) is LoadState.LOADED
         await busy.aclose()
+    finally:
+        await models.close()
+
+
+async def test_a_load_waits_for_the_busy_model_to_finish_then_evicts_it(
+    models_dir: Path,
+) -> None:
+    models = manager(models_dir, busy_wait_s=60)
+    files = {f.name: f for f in await models.rescan()}
+    models.memory_budget = max(models.estimate_bytes(f, SMALL) for f in files.values()) + 1
+    try:
+        busy = models.backend(BUNDLED_MODEL_NAME).generate(MSG, GREEDY.with_(max_tokens=24))
+        first = await asyncio.wait_for(anext(aiter(busy)), 60)
+        load = asyncio.create_task(models.load("q8"))
+        rest = [chunk async for chunk in busy]  # the reply finishes while the load waits
+        assert (first + "".join(rest)).strip()
+        await asyncio.wait_for(load, 60)
+        assert models.state("q8") is LoadState.LOADED
+        assert models.state(BUNDLED_MODEL_NAME) is LoadState.NOT_LOADED
     finally:
         await models.close()
 

@@ -52,6 +52,9 @@ from .turns import CoreTurns
 log = logging.getLogger(__name__)
 
 
+BUSY_POLL_S = 0.02  # how often a load waiting for room looks for an idle model
+
+
 class MemoryBudgetExceeded(InferenceError):
     """Loading this model would exceed the configured memory budget."""
 
@@ -155,15 +158,20 @@ class LocalModels:
         memory_budget: int | None = None,
         profiles: Mapping[str, WorkerProfile] | None = None,
         unload_grace_s: float = 10.0,
+        busy_wait_s: float = 30.0,
         hooks: ModelHooks | None = None,
     ) -> None:
         """``sources`` lists what to scan (config entries and the directory, read anew on
-        every rescan); ``base`` is the engine settings of a model without its own."""
+        every rescan); ``base`` is the engine settings of a model without its own.
+        ``busy_wait_s`` is how long a load that needs room waits for a busy model to go
+        idle (its request to finish) before it is refused: a swap under a tight budget
+        should queue behind a reply, not fail beside it."""
         self._sources = sources
         self.base = base
         self.memory_budget = memory_budget or None
         self.profiles = dict(profiles or {})
         self.unload_grace_s = unload_grace_s
+        self.busy_wait_s = busy_wait_s
         self.hooks = hooks or ModelHooks()
         self.turns = CoreTurns()
         self._files: dict[str, ModelFile] = {}
@@ -307,6 +315,7 @@ class LocalModels:
                 f"local model {name} needs ~{need >> 20} MiB (file + KV pool), more than the "
                 f"whole memory budget of {budget >> 20} MiB"
             )
+        deadline = time.monotonic() + self.busy_wait_s
         while self.used_bytes() + need > budget:
             idle = [
                 w
@@ -314,6 +323,9 @@ class LocalModels:
                 if w.state is LoadState.LOADED and w.in_use == 0 and _idle(w.engine)
             ]
             if not idle:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(BUSY_POLL_S)
+                    continue
                 busy = ", ".join(w.model for w in self._workers.values())
                 raise MemoryBudgetExceeded(
                     f"local model {name} needs ~{need >> 20} MiB; {self.used_bytes() >> 20} of "
