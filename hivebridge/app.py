@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +33,7 @@ from .commands.base import CommandTable
 from .commands.context import ContextCommands
 from .commands.local_models import LocalModelCommands
 from .commands.meta import MetaCommands
-from .commands.models import ModelCommands, resolve_key
+from .commands.models import ModelCommands, endpoint_affinity, resolve_key
 from .commands.personas import PersonaCommands
 from .commands.reload import ReloadCommands
 from .commands.rooms import RoomCommands
@@ -57,6 +59,7 @@ from .handler.membership import MembershipHandler
 from .handler.messages import MessageHandler
 from .handler.room_events import RoomEventHandler
 from .inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
+from .inference.endpoints import RouterConfig
 from .inference.hooks import InferenceHooks
 from .inference.local.models import (
     LocalModels,
@@ -163,6 +166,24 @@ def worker_profiles(config: Config) -> dict[str, WorkerProfile]:
         )
         for p in config.inference.profiles
     }
+
+
+def session_salt(config: Config) -> bytes:
+    """The key of the session ids endpoints see: configured, or random and kept in
+    data_dir so a restart keeps every room's id (and its upstream cache affinity)."""
+    if config.inference.session_salt:
+        return config.inference.session_salt.encode()
+    path = config.data_path / "session-salt"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    salt = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(salt)
+    return salt
 
 
 def model_hooks() -> ModelHooks:
@@ -288,6 +309,9 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         hooks=model_hooks(),
     )
     inference = InferenceRouter(
+        config=RouterConfig(
+            routing=config.inference.endpoint_routing, session_salt=session_salt(config)
+        ),
         fallback=models.backend(fallback),
         default_model=config.inference.default_model or local_name,
         hooks=InferenceHooks(metrics.count_endpoint_error, metrics.count_failover),
@@ -464,9 +488,17 @@ class Bridge:
         await p.personas.load()
         await p.roles.load()
         await p.limits.load()
-        added = [(e.name, e.url, e.resolved_key()) for e in config.endpoints]
-        added += [(e.name, e.url, resolve_key(e.api_key)) for e in await p.endpoints.all()]
-        await asyncio.gather(*(p.inference.add_endpoint(n, u, k) for n, u, k in added))
+        adds = [
+            p.inference.add_endpoint(
+                e.name, e.url, e.resolved_key(), affinity=endpoint_affinity(e), pool=e.pool
+            )
+            for e in config.endpoints
+        ]
+        adds += [
+            p.inference.add_endpoint(e.name, e.url, resolve_key(e.api_key))
+            for e in await p.endpoints.all()
+        ]
+        await asyncio.gather(*adds)
         await p.catalogue.load()
         p.inference.start()
         stack.push_async_callback(p.inference.aclose)

@@ -29,6 +29,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "HIVEBRIDGE_DATABASE_URL": "database.url",
     "HIVEBRIDGE_HOMESERVER_ADDRESS": "homeserver.address",
     "HIVEBRIDGE_ADMIN_TOKEN": "admin_api.token",
+    "HIVEBRIDGE_SESSION_SALT": "inference.session_salt",
 }
 
 _LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
@@ -316,6 +317,12 @@ class InferenceConfig:
     local: LocalInferenceConfig = field(default_factory=LocalInferenceConfig)
     #: Worker profiles personas can be put on (!persona set X profile NAME).
     profiles: tuple[ProfileConfig, ...] = ()
+    #: How requests spread over endpoints serving a model: sticky (a room stays on its
+    #: endpoint, rendezvous hashing picks it; the default) or round_robin (comparison only).
+    endpoint_routing: str = "sticky"
+    #: Secret key of the session ids sent to endpoints; empty: a random one kept in
+    #: data_dir/session-salt (ids stay stable across restarts either way).
+    session_salt: str | None = field(default=None, repr=False)
 
     def profile(self, name: str | None) -> ProfileConfig | None:
         return next((p for p in self.profiles if p.name == name), None) if name else None
@@ -330,6 +337,10 @@ class InferenceConfig:
         if self.context_tokens < 64:
             raise ConfigError("inference.context_tokens", "must be at least 64")
         self.local.validate()
+        if self.endpoint_routing not in ("sticky", "round_robin"):
+            raise ConfigError("inference.endpoint_routing", "must be sticky or round_robin")
+        if self.session_salt is not None and len(self.session_salt) < 16:
+            raise ConfigError("inference.session_salt", "use at least 16 characters")
         seen: set[str] = set()
         for i, profile in enumerate(self.profiles):
             profile.validate(f"inference.profiles[{i}]")
@@ -345,6 +356,29 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
+class AffinityConfig:
+    """Where an endpoint's router reads the conversation's session id (an opaque hash of
+    room + persona): vLLM production-stack reads the header its ``--session-key`` names,
+    llm-d ``x-session-token``, LiteLLM-style routers the ``user`` field, llama-server
+    pins a slot with ``id_slot``. ``none`` sends nothing."""
+
+    #: header, user, id_slot or none.
+    kind: str = "header"
+    #: The header for kind header.
+    header: str = "x-session-id"
+    #: llama-server's slot count (-np) for kind id_slot; 0 reads it from /props.
+    slots: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.kind not in ("header", "user", "id_slot", "none"):
+            raise ConfigError(f"{where}.kind", "must be header, user, id_slot or none")
+        if not re.match(r"^[A-Za-z0-9-]{1,64}$", self.header):
+            raise ConfigError(f"{where}.header", "not an HTTP header name")
+        if self.slots < 0:
+            raise ConfigError(f"{where}.slots", "must be 0 (read /props) or more")
+
+
+@dataclass(frozen=True)
 class EndpointConfig:
     """A remote OpenAI-compatible endpoint known at start (not stored in the database)."""
 
@@ -356,10 +390,18 @@ class EndpointConfig:
     api_key: str | None = field(default=None, repr=False)
     #: Name of an environment variable holding the API key (wins over api_key).
     api_key_env: str | None = None
+    #: Replicas of one server share a pool name: ``<pool>/<model>`` is routed over them
+    #: (a room stays on one replica and moves only when that replica fails).
+    pool: str | None = None
+    #: The session-id hint this endpoint's router reads (default: header x-session-id).
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
 
     def validate(self, where: str = "endpoints") -> None:
         if not _ENDPOINT_NAME_RE.match(self.name):
             raise ConfigError(f"{where}.name", "use 1-32 of a-z 0-9 _ . - (starting a-z 0-9)")
+        if self.pool is not None and not _ENDPOINT_NAME_RE.match(self.pool):
+            raise ConfigError(f"{where}.pool", "use 1-32 of a-z 0-9 _ . - (starting a-z 0-9)")
+        self.affinity.validate(f"{where}.affinity")
         if not re.match(r"^https?://[^\s/]+", self.url):
             raise ConfigError(f"{where}.url", "must start with http:// or https://")
         if self.api_key_env is not None and not _ENV_NAME_RE.match(self.api_key_env):

@@ -12,8 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .. import metrics
 from ..catalogue import ModelCatalogue, ModelEntry
-from ..config import Config
+from ..config import Config, EndpointConfig
 from ..db.endpoints import EndpointStore, StoredEndpoint
+from ..inference.affinity import Affinity
 from ..inference.endpoints import EndpointInfo
 from ..inference.router import InferenceRouter
 from ..inference.types import ChatMessage, InferenceError, SamplingParams
@@ -28,6 +29,12 @@ _URL = re.compile(r"^https?://[^\s/@]+(:\d+)?(/\S*)?$")
 _ENV_REF = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
 #: Longest answer posted by !ask; the model's max_tokens bounds it anyway.
 MAX_ANSWER_CHARS = 8000
+
+
+def endpoint_affinity(config: EndpointConfig) -> Affinity:
+    """A config endpoint's affinity hint, as the inference layer takes it."""
+    a = config.affinity
+    return Affinity(kind=a.kind, header=a.header, slots=a.slots)  # type: ignore[arg-type]
 
 
 def resolve_key(raw: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -86,10 +93,16 @@ class ModelCommands:
             e
             for name, e in new.items()
             if name not in old
-            or (e.url, e.resolved_key()) != (old[name].url, old[name].resolved_key())
+            or (e.url, e.resolved_key(), e.pool, e.affinity)
+            != (old[name].url, old[name].resolved_key(), old[name].pool, old[name].affinity)
         ]
         await asyncio.gather(
-            *(self.router.add_endpoint(e.name, e.url, e.resolved_key()) for e in changed)
+            *(
+                self.router.add_endpoint(
+                    e.name, e.url, e.resolved_key(), affinity=endpoint_affinity(e), pool=e.pool
+                )
+                for e in changed
+            )
         )
         if gone or changed:
             await self.catalogue.sync()

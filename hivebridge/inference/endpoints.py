@@ -8,6 +8,15 @@ Which endpoints serve a model, in the order one request should try them
 2. the other endpoints serving the model, in rendezvous-hash order for the
    session (a failover lands on the same endpoint every time) or by latency.
 
+So a room stays on one endpoint; when that endpoint fails the room moves to
+its next rendezvous choice once and stays there (the sticky entry follows it),
+and no other room moves. ``routing="round_robin"`` turns all of that off (each
+request to the next endpoint in turn); it exists to measure what stickiness
+is worth (bench/pool.py), not to run with.
+
+Endpoints may share a *pool* name (several replicas of the same server): a
+model asked for as ``<pool>/<model>`` is planned over that pool's members only.
+
 Each endpoint has a circuit breaker (health.py); models are discovered with
 ``GET /v1/models`` at add time and in the background. The pool knows nothing
 of Matrix or databases: callers persist endpoints and aliases themselves.
@@ -26,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .affinity import Affinity
 from .health import BreakerConfig, BreakerState, CircuitBreaker
 from .hooks import NO_HOOKS, InferenceHooks
 from .remote import EndpointTimeouts, RemoteEndpoint
@@ -71,6 +81,11 @@ class RouterConfig:
     timeouts: EndpointTimeouts = field(default_factory=EndpointTimeouts)
     max_sticky_sessions: int = 10_000
     refresh_interval_s: float = 300.0  # background model discovery; 0 turns it off
+    #: "sticky" (rendezvous + the endpoint that served the session last) or
+    #: "round_robin" (for comparison only: every request to the next endpoint).
+    routing: str = "sticky"
+    #: Key of the opaque session ids sent to endpoints as affinity hints.
+    session_salt: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +101,7 @@ class EndpointInfo:
     models: tuple[str, ...]
     last_error: str | None
     cooldown_remaining_s: float
+    pool: str | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +111,7 @@ class Member:
     deployment: Deployment
     breaker: CircuitBreaker
     models: list[str] = field(default_factory=list)
+    pool: str | None = None  # replicas sharing a pool name serve ``<pool>/<model>``
 
     @property
     def name(self) -> str:
@@ -118,18 +135,37 @@ class EndpointPool:
         self._aliases: dict[str, str] = {}
         self._sticky: OrderedDict[str, str] = OrderedDict()
         self._refresh_task: asyncio.Task[None] | None = None
+        self._turn = 0  # round robin's position
 
     # --- members ----------------------------------------------------------------------
 
     def remote(
-        self, name: str, url: str, api_key: str | None, timeouts: EndpointTimeouts | None = None
+        self,
+        name: str,
+        url: str,
+        api_key: str | None,
+        timeouts: EndpointTimeouts | None = None,
+        affinity: Affinity | None = None,
     ) -> RemoteEndpoint:
-        """A client for an OpenAI-compatible endpoint, reporting through the pool's hooks."""
+        """A client for an OpenAI-compatible endpoint, reporting through the pool's hooks
+        and hashing session ids with the pool's salt."""
         return RemoteEndpoint(
-            name, url, api_key, timeouts=timeouts or self.config.timeouts, hooks=self.hooks
+            name,
+            url,
+            api_key,
+            timeouts=timeouts or self.config.timeouts,
+            hooks=self.hooks,
+            affinity=affinity,
+            session_salt=self.config.session_salt,
         )
 
-    async def add(self, deployment: Deployment, models: Sequence[str] | None = None) -> Member:
+    async def add(
+        self,
+        deployment: Deployment,
+        models: Sequence[str] | None = None,
+        *,
+        pool: str | None = None,
+    ) -> Member:
         """Add (or replace) an endpoint; ``models=None`` discovers them now.
 
         A failed discovery does not refuse the endpoint: its breaker says why it
@@ -138,7 +174,9 @@ class EndpointPool:
         old = self._members.pop(deployment.name, None)
         if old is not None and old.deployment is not deployment:
             await _close_quietly(old.deployment)
-        member = Member(deployment, CircuitBreaker(self.config.breaker, clock=self.clock))
+        member = Member(
+            deployment, CircuitBreaker(self.config.breaker, clock=self.clock), pool=pool
+        )
         self._members[deployment.name] = member
         if models is None:
             await self._discover(member)
@@ -235,6 +273,7 @@ class EndpointPool:
             models=tuple(member.models),
             last_error=b.last_error,
             cooldown_remaining_s=round(b.cooldown_remaining(), 2),
+            pool=member.pool,
         )
 
     # --- the plan -----------------------------------------------------------------------
@@ -245,7 +284,13 @@ class EndpointPool:
         Includes endpoints whose breaker is open: the request skips them and notes it.
         """
         model = self.resolve(model)
-        names = [n for n, m in self._members.items() if model in m.models]
+        names = self._serving(model)
+        if self.config.routing == "round_robin":
+            if names:
+                self._turn += 1
+                k = self._turn % len(names)
+                names = names[k:] + names[:k]
+            return names
         if session is not None:
             names.sort(key=lambda n: _rendezvous(session, n), reverse=True)
         else:
@@ -256,9 +301,33 @@ class EndpointPool:
             names.insert(0, sticky)
         return names
 
+    def _serving(self, model: str) -> list[str]:
+        """Members listing ``model``; ``<pool>/<model>``: that pool's members listing it."""
+        found = [n for n, m in self._members.items() if model in m.models]
+        if found or "/" not in model:
+            return found
+        pool, _, inner = model.partition("/")
+        return [n for n, m in self._members.items() if m.pool == pool and inner in m.models]
+
+    def model_on(self, member: Member, model: str) -> str:
+        """The name ``member`` knows ``model`` by (``<pool>/<model>`` -> ``<model>``)."""
+        model = self.resolve(model)
+        if model in member.models or member.pool is None:
+            return model
+        pool, _, inner = model.partition("/")
+        return inner if pool == member.pool else model
+
+    def pools(self) -> dict[str, list[str]]:
+        """Pool name -> its members' names."""
+        found: dict[str, list[str]] = {}
+        for member in self._members.values():
+            if member.pool is not None:
+                found.setdefault(member.pool, []).append(member.name)
+        return found
+
     def remember(self, session: str | None, name: str) -> None:
         """``session`` was served by endpoint ``name``: try it first next time."""
-        if session is None:
+        if session is None or self.config.routing == "round_robin":
             return
         self._sticky[session] = name
         self._sticky.move_to_end(session)

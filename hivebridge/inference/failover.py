@@ -180,7 +180,10 @@ class FailoverGeneration(StreamingGeneration):
                 started = time.monotonic()
                 try:
                     gen = member.deployment.generate(
-                        self._messages, self._params, session=self.session, model=self.model
+                        self._messages,
+                        self._params,
+                        session=self.session,
+                        model=pool.model_on(member, self.model),
                     )
                     first = await self._start(gen)
                 except RemoteError as exc:

@@ -15,8 +15,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import openai
 
+from .affinity import Affinity, apply_affinity, session_id
 from .envelope import EnvelopeStream, envelope_request, new_call_id
 from .generation import StreamingGeneration
 from .hooks import NO_HOOKS, InferenceHooks
@@ -164,8 +166,16 @@ class RemoteEndpoint:
         default_model: str | None = None,
         extra_sampling: bool = True,
         hooks: InferenceHooks = NO_HOOKS,
+        affinity: Affinity | None = None,
+        session_salt: bytes = b"",
     ) -> None:
+        """``affinity``: where this endpoint's router reads the conversation's session id
+        (a header by default); ``session_salt`` keys the hash that makes it opaque."""
         self.name = name
+        self.affinity = affinity or Affinity()
+        self._salt = session_salt
+        #: llama-server slots read from ``/props`` (``id_slot`` affinity without ``slots``).
+        self.slots = 0
         self.hooks = hooks
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or EndpointTimeouts()
@@ -209,7 +219,29 @@ class RemoteEndpoint:
             self.count_error(err)
             raise err from None
         self.models = ids
+        if self.affinity.kind == "id_slot" and not self.affinity.slots:
+            self.slots = await self._total_slots()
         return ids
+
+    async def _total_slots(self) -> int:
+        """llama-server's slot count from ``GET /props`` (0 when it does not say)."""
+        root = self.base_url.removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {self._key.reveal()}"} if self._key.reveal() else {}
+        timeout = aiohttp.ClientTimeout(total=self.timeouts.discovery_s)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                http.get(f"{root}/props", headers=headers) as resp,
+            ):
+                if resp.status != 200:
+                    return 0
+                return int((await resp.json(content_type=None)).get("total_slots", 0))
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, AttributeError):
+            return 0
+
+    def session_id(self, session: str) -> str:
+        """The opaque id sent for ``session`` (room + persona): a keyed hash of it."""
+        return session_id(self._salt, session)
 
     def generate(
         self,
@@ -235,7 +267,11 @@ class RemoteEndpoint:
     # --- helpers used by RemoteGeneration -------------------------------------------
 
     def _request_kwargs(
-        self, model: str, messages: Sequence[ChatMessage], params: SamplingParams
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        params: SamplingParams,
+        session: str | None = None,
     ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": model,
@@ -271,6 +307,10 @@ class RemoteEndpoint:
                     "min_p": params.min_p,
                     "repeat_penalty": params.repeat_penalty,
                 }
+        if params.logit_bias:
+            kwargs["logit_bias"] = {str(t): b for t, b in params.logit_bias}
+        if session is not None:
+            apply_affinity(self.affinity, self.session_id(session), kwargs, slots=self.slots)
         return kwargs
 
     def scrub(self, text: str) -> str:
@@ -455,7 +495,7 @@ class RemoteGeneration(StreamingGeneration):
 
     async def _open(self) -> Any:
         ep = self.endpoint
-        kwargs = ep._request_kwargs(self.stats.model, self._messages, self._params)
+        kwargs = ep._request_kwargs(self.stats.model, self._messages, self._params, self.session)
         try:
             return await ep._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
@@ -470,7 +510,9 @@ class RemoteGeneration(StreamingGeneration):
                 # Some servers reject stream_options or unknown sampling fields.
                 log.info("endpoint %s rejected optional fields; retrying without", ep.name)
                 ep._optional_fields = False
-                kwargs = ep._request_kwargs(self.stats.model, self._messages, self._params)
+                kwargs = ep._request_kwargs(
+                    self.stats.model, self._messages, self._params, self.session
+                )
                 try:
                     return await ep._client.chat.completions.create(**kwargs)
                 except Exception as exc2:

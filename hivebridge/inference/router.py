@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from .affinity import Affinity
 from .endpoints import Deployment, EndpointInfo, EndpointPool, RouterConfig
 from .failover import FailoverGeneration
 from .hooks import NO_HOOKS, InferenceHooks
@@ -52,15 +53,26 @@ class InferenceRouter:
         api_key: str | None = None,
         *,
         timeouts: EndpointTimeouts | None = None,
+        affinity: Affinity | None = None,
+        pool: str | None = None,
     ) -> EndpointInfo:
-        """Add (or replace) an endpoint and discover its models at once."""
-        return await self.add_deployment(self.pool.remote(name, url, api_key, timeouts))
+        """Add (or replace) an endpoint and discover its models at once.
+
+        ``affinity``: where its router reads session ids (a header by default);
+        ``pool``: the replica pool it belongs to (``<pool>/<model>`` plans over it).
+        """
+        deployment = self.pool.remote(name, url, api_key, timeouts, affinity)
+        return await self.add_deployment(deployment, pool=pool)
 
     async def add_deployment(
-        self, deployment: Deployment, models: Sequence[str] | None = None
+        self,
+        deployment: Deployment,
+        models: Sequence[str] | None = None,
+        *,
+        pool: str | None = None,
     ) -> EndpointInfo:
         """Add any :class:`Deployment`; ``models=None`` discovers them now."""
-        return self.pool.info(await self.pool.add(deployment, models))
+        return self.pool.info(await self.pool.add(deployment, models, pool=pool))
 
     async def remove_endpoint(self, name: str) -> bool:
         return await self.pool.remove(name)
@@ -111,6 +123,8 @@ class InferenceRouter:
         for member in self.pool.members():
             for model in member.models:
                 index.setdefault(model, []).append(member.name)
+                if member.pool is not None:
+                    index.setdefault(f"{member.pool}/{model}", []).append(member.name)
         for model in self._local:
             index.setdefault(model, [])
         return index

@@ -89,6 +89,8 @@ class SamplingParams:
     repeat_penalty: float = 1.1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: (token id, bias) pairs added to the logits; -100 bans a token, as in OpenAI's API.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     #: Generate exactly ``max_tokens`` tokens, end-of-generation tokens suppressed
     #: (benchmarks, load tests; llama.cpp servers take it as ``ignore_eos``).
     ignore_eos: bool = False

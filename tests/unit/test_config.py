@@ -109,3 +109,33 @@ def test_cli_invalid_yaml_exits_2(tmp_path: Path) -> None:
     result = run_cli("-c", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "not valid YAML" in result.stderr
+
+
+def test_endpoint_pool_affinity_and_routing(tmp_path: Path) -> None:
+    text = (
+        MINIMAL
+        + """\
+inference:
+  endpoint_routing: round_robin
+endpoints:
+  - name: gpu1
+    url: http://gpu1:8000/v1
+    pool: gpu
+    affinity: {kind: header, header: x-session-token}
+  - name: gpu2
+    url: http://gpu2:8000/v1
+    affinity: {kind: id_slot, slots: 6}
+  - name: plain
+    url: http://plain:8000/v1
+"""
+    )
+    config = load_config(write(tmp_path, text), env={})
+    gpu1, gpu2, plain = config.endpoints
+    assert gpu1.pool == "gpu" and gpu1.affinity.header == "x-session-token"
+    assert gpu2.affinity.kind == "id_slot" and gpu2.affinity.slots == 6
+    assert plain.affinity.kind == "header" and plain.affinity.header == "x-session-id"
+    assert config.inference.endpoint_routing == "round_robin"
+    bad = text.replace("kind: id_slot", "kind: cookie")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, bad), env={})
+    assert err.value.key == "endpoints[1].affinity.kind"

@@ -328,3 +328,64 @@ async def test_open_endpoint_gets_one_probe_after_cooldown() -> None:
     assert len(a.calls) == 4 and not gen.failed_over
     info = router.endpoint_info("a")
     assert info is not None and info.healthy
+
+
+async def test_failure_moves_only_the_failed_endpoints_rooms_once() -> None:
+    """Rendezvous + stickiness: rooms of a dead endpoint move once and stay; no other moves."""
+    deps = {n: FakeDeployment(n) for n in ("a", "b", "c")}
+    router, _ = await make_router(*deps.values(), breaker=BreakerConfig(consecutive_failures=1))
+    rooms = [f"room{i}" for i in range(24)]
+    home = {}
+    for room in rooms:
+        gen = router.generate(MSGS, PARAMS, session=room, model="m")
+        await collect(gen)
+        home[room] = gen.served_by
+    assert set(home.values()) == {"a", "b", "c"}
+    deps["b"].script = [down("b")] * 100
+    for _ in range(3):
+        for room in rooms:
+            gen = router.generate(MSGS, PARAMS, session=room, model="m")
+            await collect(gen)
+            if home[room] != "b":
+                assert gen.served_by == home[room]  # no other room moves
+            else:
+                assert gen.served_by in ("a", "c")
+                assert router.sticky_endpoint(room) == gen.served_by
+    moved = {r: router.sticky_endpoint(r) for r in rooms if home[r] == "b"}
+    deps["b"].script = []  # back again: the moved rooms stay where they went
+    for room, now in moved.items():
+        gen = router.generate(MSGS, PARAMS, session=room, model="m")
+        await collect(gen)
+        assert gen.served_by == now
+
+
+async def test_round_robin_ignores_rooms() -> None:
+    a, b, c = FakeDeployment("a"), FakeDeployment("b"), FakeDeployment("c")
+    config = RouterConfig(routing="round_robin")
+    router = InferenceRouter(config=config)
+    for d in (a, b, c):
+        await router.add_deployment(d)
+    served = []
+    for _ in range(6):
+        gen = router.generate(MSGS, PARAMS, session="room", model="m")
+        await collect(gen)
+        served.append(gen.served_by)
+    assert sorted(served) == ["a", "a", "b", "b", "c", "c"]
+    assert router.sticky_endpoint("room") is None
+
+
+async def test_pool_name_routes_over_its_members_by_inner_name() -> None:
+    a, b = FakeDeployment("a", served=["llama"]), FakeDeployment("b", served=["llama"])
+    other = FakeDeployment("other", served=["llama"])
+    router = InferenceRouter()
+    await router.add_deployment(a, pool="gpu")
+    await router.add_deployment(b, pool="gpu")
+    await router.add_deployment(other)
+    assert sorted(router.plan("gpu/llama", "room")) == ["a", "b"]
+    assert router.models()["gpu/llama"] == ["a", "b"]
+    gen = router.generate(MSGS, PARAMS, session="room", model="gpu/llama")
+    await collect(gen)
+    assert gen.served_by in ("a", "b")
+    served = a if gen.served_by == "a" else b
+    assert served.calls == [("room", "llama")]  # the replica is asked for its own name
+    assert router.pool.pools() == {"gpu": ["a", "b"]}
