@@ -208,6 +208,29 @@ async def test_restart_restores_persona_snapshot(tmp_path: Path) -> None:
         await second.stop()
 
 
+async def test_truncated_persona_snapshot_is_moved_aside_and_evaluated(tmp_path: Path) -> None:
+    """A damaged snapshot file must not stop the engine (before: struct.error at start)."""
+    msgs = [PERSONA, ChatMessage("user", "What is your favourite star?")]
+    s = settings(snapshot_dir=tmp_path / "snap")
+    first = await started(s)
+    try:
+        _, _, want = await run_tokens(first, msgs, session="x")
+    finally:
+        await first.stop()
+    [path] = (tmp_path / "snap").glob("*.hbsq")
+    path.write_bytes(path.read_bytes()[:10])  # cut inside the header length
+
+    second = await started(s)
+    try:
+        assert second.restored_personas == 0
+        assert path.with_name(path.name + ".bad").exists() and not path.exists()
+        _, stats, got = await run_tokens(second, msgs, session="y")
+        assert stats.cached_tokens == 0
+        await assert_same_greedy(second, msgs, got, want)
+    finally:
+        await second.stop()
+
+
 async def test_evicted_room_is_restored_from_ram_snapshot() -> None:
     eng = await started(settings(n_seq_max=3, min_snapshot_tokens=8, min_restore_gain=4))
     fresh = await started(settings(prefix_cache=False))

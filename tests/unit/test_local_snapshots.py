@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 from hivebridge.inference.local.snapshots import SnapshotStore
 
@@ -70,3 +74,92 @@ def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
     keys = {e.tokens for e in s.personas()}
     assert (4, 1) in keys and (0, 1) not in keys
     s.close()
+
+
+def _persona_file(tmp_path: Path, tokens: tuple[int, ...] = (5, 6, 7)) -> Path:
+    s = store(tmp_path)
+    s.put(tokens, b"kv" * 40, "persona")
+    s.close()
+    [path] = tmp_path.glob("*.hbsq")
+    return path
+
+
+def _damaged_variants(good: bytes) -> list[bytes]:
+    """Every truncation, plus garbage and well-formed-but-wrong headers."""
+    magic = b"HBSNAP1\n"
+    variants = [good[:n] for n in range(len(good))]
+    variants += [b"\xff" * 300, magic + b"\xff\xff\xff\xff" + b"x" * 40]
+    for header in (
+        b"[1, 2]",
+        b"{}",
+        b'{"fingerprint": "fingerprint-a", "kind": "persona"}',
+        b'{"fingerprint": "fingerprint-a", "kind": "persona", "n_tokens": "3",'
+        b' "nbytes": 80, "sha256": "x"}',
+        b'{"fingerprint": null, "kind": 1, "n_tokens": 3, "nbytes": 80, "sha256": "x"}',
+        b'{"fingerprint": "fingerprint-a", "kind": "persona", "n_tokens": -1,'
+        b' "nbytes": 80, "sha256": "x"}',
+        b"\xc3\x28 not utf-8",
+        b"[" * 5000,
+    ):
+        variants.append(magic + len(header).to_bytes(4, "little") + header + b"\x00" * 92)
+    return variants
+
+
+def test_damaged_files_are_moved_aside_at_start(tmp_path: Path, caplog: Any) -> None:
+    good = _persona_file(tmp_path).read_bytes()
+    for i, blob in enumerate(_damaged_variants(good)):
+        d = tmp_path / f"v{i}"
+        d.mkdir()
+        (d / "0123.hbsq").write_bytes(blob)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            s = store(d)  # raised struct.error / KeyError / TypeError before
+        assert s.personas() == [] and s.match([5, 6, 7]) == (None, 0)
+        assert not (d / "0123.hbsq").exists(), i
+        assert (d / "0123.hbsq.bad").read_bytes() == blob
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+        assert s.disk_used() == 0  # a file moved aside is out of the budget
+        s.close()
+
+
+def test_file_damaged_after_start_is_moved_aside_by_take(tmp_path: Path) -> None:
+    path = _persona_file(tmp_path)
+    good = path.read_bytes()
+    for blob in _damaged_variants(good):
+        path.write_bytes(good)
+        for bad in tmp_path.glob("*.bad"):
+            bad.unlink()
+        s = store(tmp_path)
+        [entry] = s.personas()
+        path.write_bytes(blob)
+        assert s.take(entry.key) is None  # the engine thread must not die here
+        assert s.personas() == []
+        assert not path.exists() and path.with_name(path.name + ".bad").exists()
+        s.close()
+
+
+def test_snapshot_files_are_private_and_fsynced(tmp_path: Path, monkeypatch: Any) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    replaced: list[bool] = []
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        replaced.append(bool(synced))  # was anything fsynced before the rename?
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    old = os.umask(0o022)
+    try:
+        path = _persona_file(tmp_path / "snap")
+    finally:
+        os.umask(old)
+    assert replaced == [True]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

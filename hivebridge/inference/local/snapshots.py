@@ -7,7 +7,11 @@ fingerprint (model file identity, KV-relevant context params, chat template
 hash, llama-cpp-python version) and its token list; anything that does not
 match exactly is ignored and the prompt is evaluated instead.
 
-Disk writes run on a small writer thread so the decode loop never waits on I/O.
+Disk writes run on a small writer thread so the decode loop never waits on I/O;
+each file is written 0600, fsynced and then renamed into place. Every read is
+validated (sizes, header fields, hash): a truncated or malformed file is moved
+aside as ``*.bad`` with one warning and the prompt is evaluated instead, so a
+bad file can neither stop the engine from starting nor kill its thread.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from .prefix_trie import RadixTrie
 
@@ -32,6 +36,12 @@ log = logging.getLogger(__name__)
 Kind = Literal["persona", "room"]
 _MAGIC = b"HBSNAP1\n"
 _SUFFIX = ".hbsq"
+_BAD_SUFFIX = ".bad"
+_MAX_HEADER = 64 * 1024
+
+
+class SnapshotCorrupt(ValueError):
+    """A snapshot file that cannot be trusted (truncated, malformed, or mismatched)."""
 
 
 @dataclass(slots=True)
@@ -75,7 +85,7 @@ class SnapshotStore:
             ThreadPoolExecutor(1, thread_name_prefix="hivebridge-snapshots") if disk_dir else None
         )
         if disk_dir is not None:
-            disk_dir.mkdir(parents=True, exist_ok=True)
+            disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._load_index()
 
     # --- keys and index -------------------------------------------------------------
@@ -90,34 +100,24 @@ class SnapshotStore:
         for path in self.disk_dir.glob(f"*{_SUFFIX}"):
             try:
                 st = path.stat()
-                self._disk[path] = (st.st_size, st.st_mtime)
-                header, tokens = self._read_header(path)
-            except (OSError, ValueError) as exc:
+                with path.open("rb") as f:
+                    header, tokens = _read_header(f, st.st_size)
+            except OSError as exc:
                 log.warning("ignoring unreadable snapshot %s: %s", path, exc)
                 continue
-            if header.get("fingerprint") != self.fingerprint:
+            except SnapshotCorrupt as exc:
+                self._move_aside(path, exc)
+                continue
+            self._disk[path] = (st.st_size, st.st_mtime)
+            if header["fingerprint"] != self.fingerprint:
                 continue  # another model/config: kept for its owner, counted in the budget
             key = self.key_for(tokens)
             if path.stem != key:
                 continue
-            kind: Kind = "persona" if header.get("kind") == "persona" else "room"
-            entry = SnapshotEntry(key, kind, tokens, int(header["nbytes"]), None, path, st.st_mtime)
+            kind: Kind = "persona" if header["kind"] == "persona" else "room"
+            entry = SnapshotEntry(key, kind, tokens, header["nbytes"], None, path, st.st_mtime)
             self._entries[key] = entry
             self._trie.insert(key, tokens)
-
-    @staticmethod
-    def _read_header(path: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
-        with path.open("rb") as f:
-            if f.read(len(_MAGIC)) != _MAGIC:
-                raise ValueError("bad magic")
-            (hlen,) = struct.unpack("<I", f.read(4))
-            header = json.loads(f.read(hlen))
-            n = int(header["n_tokens"])
-            arr = array("i")
-            arr.frombytes(f.read(4 * n))
-            if len(arr) != n:
-                raise ValueError("truncated token list")
-            return header, tuple(arr)
 
     # --- public API (engine thread) --------------------------------------------------
 
@@ -171,9 +171,13 @@ class SnapshotStore:
                 data = self._read_verified(path, entry.tokens)
                 os.utime(path)
                 self._disk[path] = (self._disk.get(path, (0, 0.0))[0], time.time())
-            except (OSError, ValueError) as exc:
-                log.warning("snapshot %s unusable, evaluating instead: %s", path, exc)
-                self.discard(key, delete_file=True)
+            except SnapshotCorrupt as exc:
+                self.discard(key)
+                self._move_aside(path, exc)
+                return None
+            except OSError as exc:
+                log.warning("snapshot %s unreadable, evaluating instead: %s", path, exc)
+                self.discard(key)
                 return None
         if data is None:
             self.discard(key)
@@ -255,13 +259,18 @@ class SnapshotStore:
         ).encode()
         tmp = path.with_suffix(".tmp")
         try:
-            with tmp.open("wb") as f:
+            # Created 0600 (KV holds the conversation), durable before it takes the name.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(_MAGIC)
                 f.write(struct.pack("<I", len(header)))
                 f.write(header)
                 f.write(_tokens_bytes(entry.tokens))
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)
         except OSError as exc:
             log.warning("could not write snapshot %s: %s", path, exc)
             self._unlink(tmp)
@@ -304,22 +313,83 @@ class SnapshotStore:
         except OSError as exc:
             log.warning("could not delete snapshot %s: %s", path, exc)
 
+    def _move_aside(self, path: Path, why: Exception) -> None:
+        """Rename a bad file to ``*.bad`` (kept for inspection, out of the budget), warn once."""
+        self._disk.pop(path, None)
+        bad = path.with_name(path.name + _BAD_SUFFIX)
+        try:
+            os.replace(path, bad)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning(
+                "snapshot %s is corrupt (%s) and could not be moved aside: %s", path, why, exc
+            )
+            return
+        log.warning("snapshot %s is corrupt (%s); moved to %s, evaluating instead", path, why, bad)
+
     def _read_verified(self, path: Path, tokens: tuple[int, ...]) -> bytes:
         with path.open("rb") as f:
-            if f.read(len(_MAGIC)) != _MAGIC:
-                raise ValueError("bad magic")
-            (hlen,) = struct.unpack("<I", f.read(4))
-            header = json.loads(f.read(hlen))
-            if header.get("fingerprint") != self.fingerprint:
-                raise ValueError("fingerprint mismatch")
-            n = int(header["n_tokens"])
-            arr = array("i")
-            arr.frombytes(f.read(4 * n))
-            if tuple(arr) != tokens:
-                raise ValueError("token list mismatch")
-            data = f.read(int(header["nbytes"]))
-        if len(data) != int(header["nbytes"]) or hashlib.sha256(data).hexdigest() != header.get(
-            "sha256"
-        ):
-            raise ValueError("state data corrupt")
+            size = os.fstat(f.fileno()).st_size
+            header, found = _read_header(f, size)
+            if header["fingerprint"] != self.fingerprint:
+                raise SnapshotCorrupt("fingerprint mismatch")
+            if found != tokens:
+                raise SnapshotCorrupt("token list mismatch")
+            data = f.read(header["nbytes"])
+        if len(data) != header["nbytes"] or hashlib.sha256(data).hexdigest() != header["sha256"]:
+            raise SnapshotCorrupt("state data corrupt")
         return data
+
+
+def _read_header(f: BinaryIO, size: int) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """Parse and check magic, header and token list; the file must hold exactly what it says."""
+    if f.read(len(_MAGIC)) != _MAGIC:
+        raise SnapshotCorrupt("bad magic")
+    raw = f.read(4)
+    if len(raw) != 4:
+        raise SnapshotCorrupt("truncated header length")
+    (hlen,) = struct.unpack("<I", raw)
+    if hlen > _MAX_HEADER:
+        raise SnapshotCorrupt(f"header length {hlen} out of range")
+    blob = f.read(hlen)
+    if len(blob) != hlen:
+        raise SnapshotCorrupt("truncated header")
+    try:
+        header = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SnapshotCorrupt(f"malformed header: {exc}") from None
+    if not isinstance(header, dict):
+        raise SnapshotCorrupt("header is not an object")
+    for field, kind in (
+        ("fingerprint", str),
+        ("kind", str),
+        ("n_tokens", int),
+        ("nbytes", int),
+        ("sha256", str),
+    ):
+        value = header.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SnapshotCorrupt(f"header field {field!r} missing or malformed")
+    n, nbytes = header["n_tokens"], header["nbytes"]
+    if n < 0 or nbytes < 0 or len(_MAGIC) + 4 + hlen + 4 * n + nbytes != size:
+        raise SnapshotCorrupt(f"size {size} does not match the header")
+    arr = array("i")
+    arr.frombytes(f.read(4 * n))
+    if len(arr) != n:
+        raise SnapshotCorrupt("truncated token list")
+    return header, tuple(arr)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable; some filesystems refuse to open directories (ignored)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
