@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             from .db.migrations import upgrade_sync
 
-            config.data_path.mkdir(parents=True, exist_ok=True)
+            config.make_data_dir()
             upgrade_sync(config.database_url())
             print("database is up to date")
             return 0
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(config.logging.level)
         redactor.add(*load_tokens(config, args.registration), config.admin_api.token)
-        config.data_path.mkdir(parents=True, exist_ok=True)
+        config.make_data_dir()
         return asyncio.run(run(config, args.registration))
     except ConfigError as e:
         print(f"hivebridge: {e}", file=sys.stderr)

@@ -654,6 +654,12 @@ class Config:
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
 
+    def make_data_dir(self) -> Path:
+        """Create data_dir 0700: it holds the database, KV snapshots and logs of every room."""
+        path = self.data_path
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
     @property
     def bot_mxid(self) -> str:
         return f"@{self.appservice.bot_localpart}:{self.homeserver.domain}"

@@ -53,9 +53,13 @@ def write_registration(config: Config, path: str | os.PathLike[str]) -> dict[str
     tmp = target.with_suffix(target.suffix + ".tmp")
     yaml = YAML()
     yaml.default_flow_style = False
-    with open(tmp, "w", encoding="utf-8") as fh:
+    tmp.unlink(missing_ok=True)  # O_EXCL below: never reuse a file some other mode made
+    # Created 0600, not chmod-ed after: it holds both tokens from its first byte.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         yaml.dump(registration, fh)
-    os.chmod(tmp, 0o600)  # it holds both tokens
+        fh.flush()
+        os.fsync(fh.fileno())
     tmp.replace(target)
     return registration
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from mautrix.client.state_store.asyncpg.upgrade import upgrade_table as mx_upgrade_table
 from mautrix.util.async_db import Database
@@ -24,9 +23,7 @@ async def open_database(url: str) -> Database:
     mautrix's own upgrade table, as mautrix expects. PostgreSQL gets
     :class:`ResilientPostgres`, which survives connections cut under it.
     """
-    if url.startswith("sqlite:") and not url.startswith("sqlite::memory:"):
-        Path(url.removeprefix("sqlite:")).parent.mkdir(parents=True, exist_ok=True)
-    await upgrade(url)
+    await upgrade(url)  # creates a SQLite file 0600 first
     mau_log = logging.getLogger("mau.db")
     db: Database
     if URL(url).scheme in ("postgres", "postgresql"):

@@ -10,15 +10,34 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:`` URL; None for other databases and ``sqlite::memory:``."""
+    if not url.startswith("sqlite:"):
+        return None
+    path = url.removeprefix("sqlite:")
+    if path.startswith("///"):  # sqlite:///x.db means /x.db (FACTS: mautrix semantics)
+        path = path[2:]
+    return None if path == ":memory:" else Path(path)
+
+
+def create_private(path: Path) -> None:
+    """Create a new SQLite file 0600 (its directory 0700) before SQLite first opens it.
+
+    SQLite gives its journal and WAL files the database file's mode, so every
+    file holding messages is private from its first byte.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def sqlalchemy_url(url: str) -> str:
     """Translate a mautrix-style URL into the async SQLAlchemy URL alembic needs."""
     if url.startswith("sqlite:"):
-        path = url.removeprefix("sqlite:")
-        if path.startswith("///"):  # sqlite:///x.db means /x.db (FACTS: mautrix semantics)
-            path = path[2:]
-        if path == ":memory:":
-            return "sqlite+aiosqlite://"
-        return f"sqlite+aiosqlite:///{path}"
+        path = sqlite_path(url)
+        return "sqlite+aiosqlite://" if path is None else f"sqlite+aiosqlite:///{path}"
     for scheme in ("postgres://", "postgresql://"):
         if url.startswith(scheme):
             return "postgresql+asyncpg://" + url.removeprefix(scheme)
@@ -46,6 +65,9 @@ def _alembic_config(url: str) -> AlembicConfig:
 
 
 def upgrade_sync(url: str, revision: str = "head") -> None:
+    path = sqlite_path(url)
+    if path is not None:
+        create_private(path)
     command.upgrade(_alembic_config(url), revision)
 
 

@@ -137,20 +137,29 @@ class Intake(AppService):
         return web.json_response({})
 
     def _auth_error(self, request: web.Request) -> web.Response | None:
-        """401 without a token, 403 with a wrong one (the appservice spec's codes)."""
+        """401 without a token, 403 with a wrong one (the appservice spec's codes).
+
+        The token is read from the Authorization header only: a query string
+        ends up in access logs and proxies. It is compared in constant time.
+        """
         header = request.headers.get("Authorization", "")
-        token = request.query.get("access_token") or (
-            header.removeprefix("Bearer ") if header.startswith("Bearer ") else None
-        )
+        token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else None
         if not token:
-            return web.json_response(
-                {"errcode": "M_UNAUTHORIZED", "error": "Missing hs_token"}, status=401
+            error = (
+                "hs_token must be sent in the Authorization header"
+                if "access_token" in request.query
+                else "Missing hs_token"
             )
+            return web.json_response({"errcode": "M_UNAUTHORIZED", "error": error}, status=401)
         if not hmac.compare_digest(token.encode(), self.hs_token.encode()):
             return web.json_response(
                 {"errcode": "M_FORBIDDEN", "error": "Invalid hs_token"}, status=403
             )
         return None
+
+    def _check_token(self, request: web.Request) -> bool:
+        """mautrix's own routes (ping, user and alias queries) authenticate here too."""
+        return self._auth_error(request) is None
 
     def _unsettle(self, txn_id: str) -> None:
         self._unsettled[txn_id] = None

@@ -14,6 +14,7 @@ from hivebridge.db import open_database
 from hivebridge.db.messages import MessageStore, StoredMessage
 from hivebridge.db.txns import TxnStore
 from hivebridge.devserver.process import free_port
+from hivebridge.matrix import intake as intake_module
 from hivebridge.matrix.intake import Intake
 
 HS_TOKEN = "hs-token-for-tests-0123456789"
@@ -94,10 +95,55 @@ async def test_missing_or_wrong_token_is_refused_and_stores_nothing(
         assert await put(http, running.url("1"), txn_body("$a"), None) == 401
         assert await put(http, running.url("1"), txn_body("$a"), "wrong-token") == 403
         status = await put(http, running.url("1") + "?access_token=wrong", txn_body("$a"), None)
-        assert status == 403
+        assert status == 401
         assert await running.intake.messages.count() == 0
         assert await running.intake.txns.count() == 0
         assert running.seen == []
+    finally:
+        await stop_intake(running)
+
+
+ROUTES = [
+    ("PUT", "/_matrix/app/v1/transactions/t1"),
+    ("PUT", "/transactions/t2"),
+    ("GET", "/_matrix/app/v1/users/@hive_x:hive.test"),
+    ("GET", "/users/@hive_x:hive.test"),
+    ("GET", "/_matrix/app/v1/rooms/%23alias:hive.test"),
+    ("GET", "/rooms/%23alias:hive.test"),
+    ("POST", "/_matrix/app/v1/ping"),
+]
+
+
+async def test_every_route_takes_the_token_from_the_header_only_in_constant_time(
+    db_url: str, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: mautrix's ping/users/rooms routes compared with ``!=`` and took ?access_token=."""
+    compared: list[bytes] = []
+    real = intake_module.hmac.compare_digest
+
+    def compare_digest(a: bytes, b: bytes) -> bool:
+        compared.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(intake_module.hmac, "compare_digest", compare_digest)
+    running = await start_intake(db_url)
+    base = f"http://127.0.0.1:{running.port}"
+    body = {"events": [], "transaction_id": "p"}
+    try:
+        for method, path in ROUTES:
+            url = base + path
+            async with http.request(method, f"{url}?access_token={HS_TOKEN}", json=body) as r:
+                assert r.status == 401, (method, path)
+                if path.startswith("/_matrix/app/v1/transactions"):
+                    assert "Authorization header" in (await r.json())["error"]
+            wrong = {"Authorization": "Bearer wrong-token"}
+            async with http.request(method, url, json=body, headers=wrong) as r:
+                assert r.status in (401, 403), (method, path)
+            compared.clear()
+            right = {"Authorization": f"Bearer {HS_TOKEN}"}
+            async with http.request(method, url, json=body, headers=right) as r:
+                assert r.status not in (401, 403), (method, path)
+            assert compared == [HS_TOKEN.encode()], (method, path)
     finally:
         await stop_intake(running)
 
