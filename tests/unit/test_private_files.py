@@ -61,8 +61,7 @@ def test_data_dir_and_sqlite_database_are_private(tmp_path: Path, permissive_uma
     data = tmp_path / "data"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(
-        "homeserver:\n  address: http://127.0.0.1:8008\n  domain: example.org\n"
-        f"data_dir: {data}\n"
+        f"homeserver:\n  address: http://127.0.0.1:8008\n  domain: example.org\ndata_dir: {data}\n"
     )
     result = subprocess.run(
         [sys.executable, "-m", "hivebridge", "-c", str(cfg), "migrate"],
