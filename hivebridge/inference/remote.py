@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 _NO_KEY = "no-key"  # sent when none is configured: the client insists on one
 _MAX_DETAIL = 200
+#: What one endpoint's ``/v1/models`` may add to the catalogue: every name becomes a
+#: database row, a routing entry and a ``!models`` line, so a hostile or broken list
+#: (ten thousand names, megabyte names) must not grow them without bound.
+MAX_MODELS_PER_ENDPOINT = 256
+MAX_MODEL_NAME_CHARS = 200
 
 
 class Secret:
@@ -213,11 +218,21 @@ class RemoteEndpoint:
         client = self._client.with_options(timeout=self.timeouts.discovery_s)
         try:
             page = await client.models.list()
-            ids = [m.id for m in page.data]
+            listed = [m.id for m in page.data]
         except Exception as exc:
             err = self.map_error(exc)
             self.count_error(err)
             raise err from None
+        ids = usable_model_ids(listed)
+        if len(ids) < len(listed):
+            log.warning(
+                "endpoint %s lists %d models; keeping %d (at most %d names of at most %d chars)",
+                self.name,
+                len(listed),
+                len(ids),
+                MAX_MODELS_PER_ENDPOINT,
+                MAX_MODEL_NAME_CHARS,
+            )
         self.models = ids
         if self.affinity.kind == "id_slot" and not self.affinity.slots:
             self.slots = await self._total_slots()
@@ -605,3 +620,19 @@ def _apply_usage(stats: GenerationStats, usage: Any) -> None:
     cached = int(getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
     stats.cached_tokens = cached
     stats.evaluated_tokens = max(0, stats.prompt_tokens - cached)
+
+
+def usable_model_ids(listed: Sequence[object]) -> list[str]:
+    """The first MAX_MODELS_PER_ENDPOINT distinct, printable, not too long names."""
+    ids: dict[str, None] = {}
+    for name in listed:
+        if len(ids) >= MAX_MODELS_PER_ENDPOINT:
+            break
+        if (
+            isinstance(name, str)
+            and 0 < len(name) <= MAX_MODEL_NAME_CHARS
+            and name.isprintable()
+            and name.strip() == name
+        ):
+            ids[name] = None
+    return list(ids)

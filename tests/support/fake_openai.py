@@ -28,6 +28,8 @@ class FakeOpenAI:
     answer: str = "hello"
     slots: int = 4
     requests: list[Received] = field(default_factory=list)
+    #: What ``/v1/models`` lists, when not just ``model``.
+    models: list[str] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -53,7 +55,8 @@ class FakeOpenAI:
             await self._runner.cleanup()
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model}]})
+        ids = self.models or [self.model]
+        return web.json_response({"object": "list", "data": [{"id": m} for m in ids]})
 
     async def _props(self, request: web.Request) -> web.Response:
         return web.json_response({"total_slots": self.slots})
