@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 
 from mautrix.appservice import AppService
 
 from .. import metrics
+from ..bounded import LruDict
 from ..commands.base import CommandContext, CommandTable
 from ..config import Config, ConfigError
 from ..db.messages import MessageStore, StoredMessage
@@ -40,6 +40,8 @@ log = logging.getLogger("hivebridge.handler")
 
 #: Threads remembered per room for "follow-ups in a thread it was addressed in".
 MAX_THREADS_PER_ROOM = 256
+#: Rooms whose thread and limit state is kept in memory (least recently active go first).
+MAX_ROOMS_CACHED = 4096
 
 
 class MessageHandler:
@@ -74,8 +76,9 @@ class MessageHandler:
             cooldown_s=r.ping_pong_cooldown_s,
             max_turns_per_minute=r.max_persona_turns_per_minute,
         )
-        self._threads: dict[str, dict[tuple[str, str], None]] = defaultdict(dict)
-        self._limit_charged: dict[str, str] = {}  # room -> event whose request was counted
+        self._threads: LruDict[str, dict[tuple[str, str], None]] = LruDict(MAX_ROOMS_CACHED)
+        # room -> event whose request was counted
+        self._limit_charged: LruDict[str, str] = LruDict(MAX_ROOMS_CACHED)
 
     def check_config(self, config: Config) -> None:
         """The loop guard's own rules on its thresholds (a reload refuses what it would)."""
@@ -282,11 +285,11 @@ class MessageHandler:
             bot_mxid=self.personas.bot_mxid,
             persona_mxids=frozenset(m for m in members if self.personas.get(m)),
             active=settings.active,
-            addressed_threads=frozenset(self._threads.get(room_id, {})),
+            addressed_threads=frozenset(self._threads.get(room_id) or {}),
         )
 
     def _remember_thread(self, room_id: str, pair: tuple[str, str]) -> None:
-        threads = self._threads[room_id]
+        threads = self._threads.setdefault(room_id, dict)
         threads[pair] = None
         while len(threads) > MAX_THREADS_PER_ROOM:
             del threads[next(iter(threads))]

@@ -62,7 +62,27 @@ class RoomEventHandler:
         self.messages = messages
         self.handled = handled
         self.on_encrypted = on_encrypted
-        self.queues: RoomQueues[RoomWork] = RoomQueues(self._handle)
+        self.queues: RoomQueues[RoomWork] = RoomQueues(
+            self._handle, droppable=self._droppable, on_drop=self._dropped
+        )
+        self._overflowing: set[str] = set()
+
+    def _droppable(self, work: RoomWork) -> bool:
+        """A flooded room loses its oldest plain messages, never state or commands."""
+        msg = work.message
+        return msg is not None and not self.messages.commands.is_command(msg.body)
+
+    def _dropped(self, room_id: str, work: RoomWork) -> None:
+        """Stored all the same (history shows it); marked handled so no start resumes it."""
+        assert work.message is not None
+        self.handled.add(work.message.event_id)
+        if room_id not in self._overflowing:
+            self._overflowing.add(room_id)
+            log.warning(
+                "room is flooded: over %d events wait; its oldest messages are not answered",
+                self.queues.max_per_room,
+                extra={"room_id": room_id},
+            )
 
     # Intake side ----------------------------------------------------------------------
 
@@ -100,6 +120,8 @@ class RoomEventHandler:
         self.messages.forget_room(room_id)
 
     async def _handle(self, room_id: str, work: RoomWork) -> None:
+        if room_id in self._overflowing and self.queues.waiting(room_id) == 0:
+            self._overflowing.discard(room_id)
         if isinstance(work.event, StateEvent):
             event = work.event
             await retry_when_lost(

@@ -22,6 +22,7 @@ from mautrix.types import Event, EventType
 from mautrix.util.async_db.connection import LoggingConnection
 
 from .. import metrics
+from ..bounded import RecentSet
 from ..db.messages import MessageStore, StoredMessage
 from ..db.resilience import is_connection_lost
 from ..db.txns import TxnStore
@@ -31,6 +32,8 @@ log = logging.getLogger("hivebridge.intake")
 
 #: Failed transactions remembered in case their COMMIT landed after all (see Intake).
 MAX_UNSETTLED = 1024
+#: Transaction ids answered from memory; older retries are found in the database.
+MAX_SEEN_TRANSACTIONS = 4096
 
 EventSink = Callable[[Event, "StoredMessage | None"], Awaitable[None] | None]
 """Receives each event in order, with its stored row when it is a message to route."""
@@ -67,6 +70,8 @@ class Intake(AppService):
         # Transactions answered 500 that may have committed anyway (the connection was
         # lost with the COMMIT's answer): their retry delivers instead of skipping.
         self._unsettled: dict[str, None] = {}
+        # mautrix keeps every id ever seen in a set; the database is the real record.
+        self.transactions = RecentSet(MAX_SEEN_TRANSACTIONS)  # type: ignore[assignment]
         # The state store learns membership from the events we pass it ourselves,
         # in order, before routing; not as a racing background handler.
         self.event_handlers.clear()

@@ -10,11 +10,16 @@ from __future__ import annotations
 from mautrix.appservice.state_store import ASStateStore
 from mautrix.types import Membership
 
+from ..bounded import LruDict
+
+#: Rooms whose member list is kept (least recently asked go first; re-read on demand).
+MAX_ROOMS_CACHED = 4096
+
 
 class RoomMembers:
     def __init__(self, state_store: ASStateStore) -> None:
         self.state_store = state_store
-        self._joined: dict[str, list[str]] = {}
+        self._joined: LruDict[str, list[str]] = LruDict(MAX_ROOMS_CACHED)
 
     async def joined(self, room_id: str) -> list[str]:
         """The joined members of ``room_id`` (cached until its next membership event)."""

@@ -4,6 +4,11 @@ Events of one room must be handled in order (a join before the message that
 follows it, a reply before the next turn), but a slow reply in one room must
 never hold up another. Each room gets a queue and a consumer task that exits
 when the room has been idle, so idle rooms cost nothing.
+
+A room's queue holds at most ``max_per_room`` items: a flood while the room
+is busy (a slow reply) drops its oldest *droppable* items (messages, which
+stay stored; membership and the like are never dropped) and says so through
+``on_drop``, so memory stays bounded however fast a room is flooded.
 """
 
 from __future__ import annotations
@@ -15,15 +20,27 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+#: Items one room may have waiting; beyond it the oldest droppable ones go.
+MAX_QUEUED_PER_ROOM = 1000
+
 log = logging.getLogger("hivebridge.rooms")
 
 
 class RoomQueues(Generic[T]):
     def __init__(
-        self, handler: Callable[[str, T], Awaitable[None]], *, idle_timeout: float = 60.0
+        self,
+        handler: Callable[[str, T], Awaitable[None]],
+        *,
+        idle_timeout: float = 60.0,
+        max_per_room: int = MAX_QUEUED_PER_ROOM,
+        droppable: Callable[[T], bool] = lambda _: False,
+        on_drop: Callable[[str, T], None] = lambda _room, _item: None,
     ) -> None:
         self._handler = handler
         self._idle_timeout = idle_timeout
+        self.max_per_room = max_per_room
+        self._droppable = droppable
+        self._on_drop = on_drop
         self._queues: dict[str, asyncio.Queue[T]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing = False
@@ -34,11 +51,28 @@ class RoomQueues(Generic[T]):
         queue = self._queues.get(room_id)
         if queue is None:
             queue = self._queues[room_id] = asyncio.Queue()
+        if queue.qsize() >= self.max_per_room:
+            self._drop_oldest(room_id, queue)
         queue.put_nowait(item)
         if room_id not in self._tasks:
             self._tasks[room_id] = asyncio.create_task(
                 self._consume(room_id, queue), name=f"room:{room_id}"
             )
+
+    def _drop_oldest(self, room_id: str, queue: asyncio.Queue[T]) -> None:
+        """Take out the oldest droppable item, keeping the others in order."""
+        items = [queue.get_nowait() for _ in range(queue.qsize())]
+        for _ in items:
+            queue.task_done()
+        index = next((i for i, it in enumerate(items) if self._droppable(it)), None)
+        if index is not None:
+            self._on_drop(room_id, items.pop(index))
+        for kept in items:
+            queue.put_nowait(kept)
+
+    def waiting(self, room_id: str) -> int:
+        queue = self._queues.get(room_id)
+        return queue.qsize() if queue is not None else 0
 
     @property
     def pending(self) -> int:

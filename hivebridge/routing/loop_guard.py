@@ -201,6 +201,9 @@ class PersonaTurnLimiter:
     def forget(self, room_id: str) -> None:
         self._turns.pop(room_id, None)
 
+    def rooms(self) -> set[str]:
+        return set(self._turns)
+
     def prune(self, now: float) -> None:
         for room_id in list(self._turns):
             if not self._prune(room_id, now):
@@ -237,10 +240,9 @@ class LoopGuard:
         PingPongDetector(threshold, cooldown_s, max_history)  # validate eagerly
         self._detectors: dict[str, PingPongDetector] = {}
         self._turns = PersonaTurnLimiter(max_turns_per_minute)
+        self._pruned_at: float | None = None
 
-    def reconfigure(
-        self, threshold: int, cooldown_s: float, max_turns_per_minute: int
-    ) -> None:
+    def reconfigure(self, threshold: int, cooldown_s: float, max_turns_per_minute: int) -> None:
         """New limits from the next message on (a reloaded config).
 
         Patterns seen so far are dropped: they were counted against the old
@@ -261,6 +263,13 @@ class LoopGuard:
         return det
 
     def observe(self, room_id: str, sender: str, now: float, *, is_bot: bool) -> LoopVerdict:
+        """Also prunes quiet rooms, at most once a cooldown: state stays bounded by the
+        rooms active within the last cooldown, not every room ever seen."""
+        if self._pruned_at is None:
+            self._pruned_at = now
+        elif now - self._pruned_at >= self.cooldown_s:
+            self._pruned_at = now
+            self.prune(now)
         return self.detector(room_id).observe(sender, now, is_bot=is_bot)
 
     def check_turn(
@@ -293,3 +302,7 @@ class LoopGuard:
 
     def __len__(self) -> int:
         return len(self._detectors)
+
+    def rooms_tracked(self) -> int:
+        """Rooms with any state (loop history or turns this minute)."""
+        return len(self._detectors.keys() | self._turns.rooms())

@@ -78,6 +78,7 @@ class RateLimiter:
             raise ValueError("burst must be >= 1")
         self._buckets: dict[str, _Bucket] = {}
         self._latch = NotifyLatch()
+        self._pruned_at: float | None = None
 
     def _refill(self, key: str, now: float) -> _Bucket:
         bucket = self._buckets.get(key)
@@ -93,6 +94,13 @@ class RateLimiter:
         """Spend ``cost`` tokens if available; otherwise say how long to wait."""
         if cost > self.capacity:
             raise ValueError("cost exceeds burst capacity; it could never be allowed")
+        # Full buckets equal fresh ones: forget them once per refill time, so the
+        # state is bounded by the keys seen recently, not every key ever seen.
+        if self._pruned_at is None:
+            self._pruned_at = now
+        elif now - self._pruned_at >= self.capacity / self.rate:
+            self._pruned_at = now
+            self.prune(now)
         bucket = self._refill(key, now)
         if bucket.tokens >= cost:
             bucket.tokens -= cost

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hivebridge"
 
 #: Bottom to top; a component is a top-level module or package of hivebridge.
 FLOORS: list[set[str]] = [
-    {"config", "logs", "metrics", "utc", "reload"},
+    {"config", "logs", "metrics", "utc", "reload", "bounded"},
     {"db"},
     {"permissions", "registration", "web"},
     {"inference", "matrix"},

@@ -322,3 +322,15 @@ def test_reconfigure_applies_new_limits_from_the_next_message() -> None:
     with pytest.raises(ValueError):
         guard.reconfigure(threshold=1, cooldown_s=60, max_turns_per_minute=1)
     assert guard.threshold == 3  # a refused change leaves the running one
+
+
+def test_state_of_quiet_rooms_is_dropped_as_messages_arrive() -> None:
+    """Before: LoopGuard.prune was never called; every room ever seen kept its state."""
+    guard = LoopGuard(cooldown_s=300.0, max_turns_per_minute=20)
+    for i in range(10_000):
+        room = f"!r{i}:x"
+        guard.observe(room, A, 0.0, is_bot=True)
+        assert guard.check_turn(room, A, 0.0) is GuardVerdict.ALLOW
+    assert guard.rooms_tracked() == 10_000
+    guard.observe("!busy:x", A, 301.0, is_bot=True)
+    assert guard.rooms_tracked() == 1

@@ -207,3 +207,13 @@ def test_daily_budget() -> None:
     assert not DailyBudget(limit=0).check(0, now).allowed
     unlimited = DailyBudget(limit=None).check(10**9, now)
     assert unlimited.allowed and unlimited.remaining is None
+
+
+def test_full_buckets_are_forgotten_as_requests_arrive() -> None:
+    """Bounded by the users seen within one refill time, not every user ever seen."""
+    rl = RateLimiter(per_minute=6)
+    for i in range(10_000):
+        assert rl.check(f"@u{i}:x", 0.0).allowed
+    assert len(rl.export_state()) == 10_000
+    rl.check("@late:x", 61.0)
+    assert len(rl.export_state()) == 1

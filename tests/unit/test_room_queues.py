@@ -57,3 +57,34 @@ async def test_idle_consumer_exits_and_restarts() -> None:
     await queues.drain()
     assert seen == [1, 2]
     await queues.close()
+
+
+async def test_a_flooded_room_keeps_a_bounded_queue_and_never_drops_state() -> None:
+    """Before: a room flooded while busy queued every event in memory."""
+    gate, busy = asyncio.Event(), asyncio.Event()
+    seen: list[int | str] = []
+    dropped: list[int | str] = []
+
+    async def handle(room: str, item: int | str) -> None:
+        if item == 0:
+            busy.set()
+            await gate.wait()  # a slow reply holds the room
+        seen.append(item)
+
+    queues: RoomQueues[int | str] = RoomQueues(
+        handle,
+        max_per_room=10,
+        droppable=lambda item: isinstance(item, int),
+        on_drop=lambda room, item: dropped.append(item),
+    )
+    queues.push("!r", 0)
+    await busy.wait()
+    for i in range(1, 5000):
+        queues.push("!r", "join" if i == 3 else i)
+        assert queues.pending <= 10
+    gate.set()
+    await queues.drain()
+    assert seen[:2] == [0, "join"]  # state is never dropped, order is kept
+    assert seen[2:] == list(range(4991, 5000))  # the newest messages
+    assert len(dropped) == 5000 - len(seen) and "join" not in dropped
+    await queues.close()
