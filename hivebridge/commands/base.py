@@ -28,6 +28,12 @@ class CommandContext:
     #: The configured command prefix, for every command a reply shows.
     prefix: str = "!"
 
+    @property
+    def trusted(self) -> bool:
+        """Trusted or owner: may see endpoint URLs and keys, who uses the bridge, and where
+        personas are; plain users see names and health only."""
+        return role_allows(self.role, "trusted")
+
 
 Handler = Callable[[CommandContext, ParsedCommand], Awaitable[None]]
 

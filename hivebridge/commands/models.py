@@ -318,16 +318,20 @@ class ModelCommands:
                 f"No endpoints; {ctx.prefix}add_endpoint <name> <url> [api_key] adds one."
             )
             return
-        await ctx.reply("Endpoints:\n" + "\n".join(self._endpoint_line(i) for i in infos))
+        lines = [self._endpoint_line(i, full=ctx.trusted) for i in infos]
+        await ctx.reply("Endpoints:\n" + "\n".join(lines))
 
-    def _endpoint_line(self, info: EndpointInfo) -> str:
+    def _endpoint_line(self, info: EndpointInfo, *, full: bool) -> str:
+        """URL, key tail and error detail for trusted users; name, health, models for all."""
         health = "healthy" if info.healthy else info.state
         if info.latency_ms is not None:
             health += f", {info.latency_ms:.0f} ms"
+        models = ", ".join(info.models) or "none"
+        if not full:
+            return f"{info.name} — {health} — models: {models}"
         if not info.healthy and info.last_error:
             health += f" ({info.last_error})"
         origin = "config" if info.name in self.config_endpoints else "added"
-        models = ", ".join(info.models) or "none"
         return (
             f"{info.name} ({origin}) — {safe_url(info.url)} — key {info.masked_key} — "
             f"{health} — models: {models}"

@@ -178,16 +178,18 @@ class PersonaCommands:
         rooms = await self.lifecycle.despawn(persona)
         return persona, f"Despawned {persona.name}; it left {len(rooms)} room(s)."
 
-    async def describe(self, p: Persona) -> str:
-        """What ``persona show`` answers."""
+    async def describe(self, p: Persona, *, full: bool = True) -> str:
+        """What ``persona show`` answers; ``full=False`` (plain users) counts its rooms
+        instead of naming them (a room id is a way into a room)."""
         rooms = await self.directory.store.rooms_of(p.name)
+        where = ", ".join(rooms) if full else (str(len(rooms)) if rooms else "")
         traits = render_traits(p.traits) or "-"
         return (
             f"{p.displayname} ({p.mxid})\nmodel: {p.model or 'default'}\n"
             f"profile: {p.profile or 'default'}\n"
             f"prompt: {p.system_prompt}\ntraits:\n{traits}\n"
             f"{self._tools_line(p)}\n"
-            f"avatar: {p.avatar_url or '-'}\nrooms: {', '.join(rooms) or '-'}\n"
+            f"avatar: {p.avatar_url or '-'}\nrooms: {where or '-'}\n"
             f"created by {p.created_by or '-'}"
         )
 
@@ -231,7 +233,7 @@ class PersonaCommands:
         await ctx.reply("Personas:\n" + "\n".join(lines))
 
     async def show(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
-        await ctx.reply(await self.describe(self._persona(ctx, cmd)))
+        await ctx.reply(await self.describe(self._persona(ctx, cmd), full=ctx.trusted))
 
     def _tools_line(self, p: Persona) -> str:
         if self.toolbox is None:

@@ -35,11 +35,10 @@ class StatsCommands:
             f"{ctx.prefix}ask answers: {r.asks} / {r.asks_today}",
             f"tokens: {r.tokens} / {r.tokens_today}",
         ]
-        for title, tallies in (
-            ("top users", r.top_users),
-            ("per persona", r.personas),
-            ("per model", r.models),
-        ):
+        sections = [("per persona", r.personas), ("per model", r.models)]
+        if ctx.trusted:  # who talks how much is not every room member's business
+            sections.insert(0, ("top users", r.top_users))
+        for title, tallies in sections:
             lines.append(f"{title}: " + (_tallies(tallies) or "none"))
         await ctx.reply("\n".join(lines))
 
