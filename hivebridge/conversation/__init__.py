@@ -18,7 +18,12 @@ from hivebridge.conversation.context import (
     select_turns,
     summary_due,
 )
-from hivebridge.conversation.formatting import markdown_to_html, split_message, strip_think
+from hivebridge.conversation.formatting import (
+    markdown_to_html,
+    reply_pieces,
+    split_message,
+    strip_think,
+)
 from hivebridge.conversation.persona import persona_system_prompt, render_traits
 from hivebridge.conversation.streaming import EditThrottle, StreamAction, stable_prefix
 
@@ -35,6 +40,7 @@ __all__ = [
     "markdown_to_html",
     "persona_system_prompt",
     "render_traits",
+    "reply_pieces",
     "rollback",
     "select_turns",
     "split_message",

@@ -21,7 +21,10 @@ from markdown.treeprocessors import Treeprocessor
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MAX_REPLY_PIECES",
+    "REPLY_PIECE_BYTES",
     "markdown_to_html",
+    "reply_pieces",
     "split_message",
     "strip_think",
 ]
@@ -30,6 +33,13 @@ __all__ = [
 # doubles the body, and JSON escaping and the envelope add more, so one piece of
 # body text stays well under half of it.
 DEFAULT_MAX_BYTES = 32_000
+
+# A streamed reply is edited (m.replace): an edit carries its text four times
+# (body, formatted_body, and both again in m.new_content), so one message of a
+# reply holds at most this much text, and a reply at most this many messages.
+REPLY_PIECE_BYTES = 10_000
+MAX_REPLY_PIECES = 6
+REPLY_CUT_NOTE = "\n\n… (cut: the reply was too long)"
 
 # -- markdown ---------------------------------------------------------------------------
 
@@ -331,3 +341,24 @@ def split_message(text: str, max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
     if rest or not pieces:
         pieces.append(rest)
     return pieces
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def reply_pieces(
+    text: str, piece_bytes: int = REPLY_PIECE_BYTES, max_pieces: int = MAX_REPLY_PIECES
+) -> list[str]:
+    """A reply as the messages that show it: split at sensible boundaries, at most
+    ``max_pieces``; a longer reply is cut (and says so) at the end of the last one.
+
+    Control characters go (they show as nothing and grow sixfold in JSON).
+    Pieces only ever grow at the end as more text streams in: the cut of a
+    piece depends on nothing after its own first ``piece_bytes`` bytes.
+    """
+    pieces = split_message(_CONTROL_RE.sub("", text), piece_bytes)
+    if len(pieces) <= max_pieces:
+        return pieces
+    room = piece_bytes - len(REPLY_CUT_NOTE.encode())
+    last = split_message(pieces[max_pieces - 1], room)[0].rstrip()
+    return [*pieces[: max_pieces - 1], last + REPLY_CUT_NOTE]

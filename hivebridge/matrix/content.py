@@ -8,6 +8,7 @@ limit, the event a reply answers).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -21,11 +22,23 @@ BOUNCE_LIMIT_KEY = "io.github.m13253.bounce_limit"
 #: m.in_reply_to): how a resumed reply finds one that was already posted.
 ANSWERS_KEY = "io.github.hivebridge.answers"
 
+#: Synapse refuses an event over 65,536 bytes of JSON; the content we send stays
+#: under this, leaving room for the envelope (ids, hashes, signatures).
+MAX_CONTENT_BYTES = 60_000
+
 _MX_REPLY_RE = re.compile(r"<mx-reply>.*?</mx-reply>", re.IGNORECASE | re.DOTALL)
 
 
-def stored_from_event(raw: Mapping[str, Any], persona: str | None = None) -> StoredMessage | None:
-    """The row we keep for an ``m.room.message``; None for anything else or malformed."""
+def stored_from_event(
+    raw: Mapping[str, Any], persona: str | None = None, *, received_ms: int | None = None
+) -> StoredMessage | None:
+    """The row we keep for an ``m.room.message``; None for anything else or malformed.
+
+    Rows are ordered by ``ts``: a sender's ``origin_server_ts`` (any federated
+    server sets it) is kept only when it is not in the future of ``received_ms``
+    (now, by default), so no event can sort itself after everything that
+    follows it, nor overflow the column.
+    """
     if raw.get("type") != "m.room.message" or "state_key" in raw:
         return None
     content = raw.get("content")
@@ -41,7 +54,10 @@ def stored_from_event(raw: Mapping[str, Any], persona: str | None = None) -> Sto
     thread_root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
     reply = relates.get("m.in_reply_to")
     in_reply_to = reply.get("event_id") if isinstance(reply, dict) else None
+    now = received_ms if received_ms is not None else int(time.time() * 1000)
     ts = raw.get("origin_server_ts")
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= now:
+        ts = now
     return StoredMessage(
         event_id=str(event_id),
         room_id=str(room_id),
@@ -51,9 +67,14 @@ def stored_from_event(raw: Mapping[str, Any], persona: str | None = None) -> Sto
         content=content,
         thread_root=thread_root if isinstance(thread_root, str) else None,
         in_reply_to=in_reply_to if isinstance(in_reply_to, str) else None,
-        ts=ts if isinstance(ts, int) and not isinstance(ts, bool) else int(time.time() * 1000),
+        ts=ts,
         persona=persona,
     )
+
+
+def content_bytes(content: Mapping[str, Any]) -> int:
+    """The content's size as the homeserver counts it (compact UTF-8 JSON)."""
+    return len(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def is_edit(content: Mapping[str, Any]) -> bool:

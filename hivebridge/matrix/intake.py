@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -179,7 +180,12 @@ class Intake(AppService):
         (its connection died with the COMMIT's answer) has delivered nothing, and
         its retry delivers the messages still unhandled instead of dropping them.
         """
-        rows = [r for raw in events if isinstance(raw, dict) and (r := stored_from_event(raw))]
+        now = int(time.time() * 1000)
+        rows = [
+            r
+            for raw in events
+            if isinstance(raw, dict) and (r := stored_from_event(raw, received_ms=now))
+        ]
         if await self.txns.is_processed(txn_id):
             if txn_id not in self._unsettled:
                 log.debug("transaction %s already processed", txn_id)

@@ -22,7 +22,7 @@ from mautrix.types import EventType, MessageType, PaginationDirection, TextMessa
 
 from .. import metrics
 from ..db.messages import MessageStore
-from .content import ANSWERS_KEY, stored_from_event
+from .content import ANSWERS_KEY, MAX_CONTENT_BYTES, content_bytes, stored_from_event
 
 log = logging.getLogger("hivebridge.sender")
 
@@ -106,6 +106,26 @@ async def with_retries(
         delay = min(delay * 2, SEND_RETRY_MAX_DELAY_S)
 
 
+def fitted(
+    build: Callable[[str, str | None], TextMessageEventContent], text: str, html: str | None
+) -> TextMessageEventContent:
+    """The content ``build`` makes, kept under :data:`MAX_CONTENT_BYTES`.
+
+    Callers split long replies beforehand; this is the last guard: HTML goes
+    first, then the text is shortened, so an oversized event never reaches the
+    homeserver (which would refuse it and fail the whole reply).
+    """
+    content = build(text, html)
+    if content_bytes(content.serialize()) <= MAX_CONTENT_BYTES:
+        return content
+    content = build(text, None)
+    while content_bytes(content.serialize()) > MAX_CONTENT_BYTES and len(text) > 1:
+        text = text[: len(text) * 3 // 4]
+        content = build(text + " …", None)
+    log.warning("a message over %d bytes was shortened to fit one event", MAX_CONTENT_BYTES)
+    return content
+
+
 def stable_txn_id(*parts: str) -> str:
     """A transaction id derived from what the message answers.
 
@@ -145,14 +165,18 @@ class Sender:
         persona: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        content = TextMessageEventContent(
-            msgtype=MessageType.NOTICE if notice else MessageType.TEXT, body=text
-        )
-        if html:
-            content.format = "org.matrix.custom.html"  # type: ignore[assignment]
-            content.formatted_body = html
-        for key, value in (extra or {}).items():
-            content[key] = value
+        def build(text: str, html: str | None) -> TextMessageEventContent:
+            content = TextMessageEventContent(
+                msgtype=MessageType.NOTICE if notice else MessageType.TEXT, body=text
+            )
+            if html:
+                content.format = "org.matrix.custom.html"  # type: ignore[assignment]
+                content.formatted_body = html
+            for key, value in (extra or {}).items():
+                content[key] = value
+            return content
+
+        content = fitted(build, text, html)
         event_id = await with_retries(
             lambda: counted(
                 intent.send_message_event(
@@ -195,12 +219,17 @@ class Sender:
         persona: str | None = None,
     ) -> str:
         """Replace the text of ``event_id`` (m.replace); clients show the new content."""
-        content = TextMessageEventContent(msgtype=MessageType.TEXT, body=text)
-        if html:
-            content.format = "org.matrix.custom.html"  # type: ignore[assignment]
-            content.formatted_body = html
-        # mautrix serializes an edit with m.new_content and the "* " fallback body.
-        content.set_edit(event_id)  # type: ignore[arg-type]
+
+        def build(text: str, html: str | None) -> TextMessageEventContent:
+            content = TextMessageEventContent(msgtype=MessageType.TEXT, body=text)
+            if html:
+                content.format = "org.matrix.custom.html"  # type: ignore[assignment]
+                content.formatted_body = html
+            # mautrix serializes an edit with m.new_content and the "* " fallback body.
+            content.set_edit(event_id)  # type: ignore[arg-type]
+            return content
+
+        content = fitted(build, text, html)
         edit_id = await with_retries(
             lambda: counted(
                 intent.send_message_event(

@@ -20,7 +20,15 @@ from mautrix.errors import MatrixRequestError
 
 from .. import metrics
 from ..config import Config
-from ..conversation import EditThrottle, Prompt, markdown_to_html, strip_think, summary_due
+from ..conversation import (
+    EditThrottle,
+    Prompt,
+    markdown_to_html,
+    reply_pieces,
+    strip_think,
+    summary_due,
+)
+from ..conversation.formatting import MAX_REPLY_PIECES, REPLY_PIECE_BYTES
 from ..db.messages import MessageStore, StoredMessage
 from ..db.personas import Persona
 from ..db.reply_jobs import JobState, ReplyJob, ReplyJobStore
@@ -219,6 +227,10 @@ class ReplyService:
                 )
                 async for piece in gen:
                     await stream.add(piece)
+                    if stream.full:
+                        break
+                if stream.full:  # a runaway stream: what fits is shown, the rest not asked
+                    await gen.aclose()
                 steps.append(gen.stats)
                 calls, note = tool_calls_of(gen)
                 if calls and choice == NONE and not stream.text:
@@ -413,7 +425,16 @@ class ReplyService:
 
 
 class LiveReply:
-    """One streamed reply: first text sent, throttled edits, a final full edit."""
+    """One streamed reply: first text sent, throttled edits, a final full edit.
+
+    No event may exceed Matrix's 64 KiB: a long reply is shown as several
+    messages (:func:`reply_pieces`). While it streams, only the first message
+    is edited; the final layout edits it and sends the others. Text beyond what
+    the messages can show is not even kept (:attr:`full` stops the stream).
+    """
+
+    #: Raw text kept at most (hidden reasoning included); beyond it the stream stops.
+    MAX_RAW_CHARS = 2 * MAX_REPLY_PIECES * REPLY_PIECE_BYTES
 
     def __init__(
         self,
@@ -441,7 +462,10 @@ class LiveReply:
         self.show_thinking = cfg.show_thinking
         self.throttle = EditThrottle(interval_s=cfg.edit_interval_s, max_edits=cfg.max_edits)
         self.raw = ""
+        self.full = False
         self.event_id: str | None = existing
+        self._parts: list[str] = []  # the messages after the first, when the reply is long
+        self._shown: dict[str, str] = {}  # event id -> the text it shows now
         # Edits of a resumed reply get txn ids of their own: reusing the first
         # run's would make Synapse answer with that run's (partial) edit.
         self._edit_tag = "resume-edit" if existing else "edit"
@@ -459,49 +483,81 @@ class LiveReply:
         return strip_think(self.raw, self.show_thinking, streaming=streaming).strip()
 
     async def add(self, piece: str) -> None:
+        room = self.MAX_RAW_CHARS - len(self.raw)
+        if len(piece) >= room:
+            self.full = True
+            piece = piece[:room]
         self.raw += piece
         if self.streaming:
-            await self._apply(self.throttle.update(self._visible(streaming=True), time.monotonic()))
+            action = self.throttle.update(self._visible(streaming=True), time.monotonic())
+            if action.kind != "none" and action.text:
+                await self._layout(action.text, final=False)
 
     async def finish(self) -> str | None:
-        await self._apply(self.throttle.finish(self._visible(streaming=False), time.monotonic()))
-        if self.event_id is not None:
-            await self.service.messages.update_body(self.event_id, self._visible(streaming=False))
+        final = self._visible(streaming=False)
+        self.throttle.finish(final, time.monotonic())
+        await self._layout(final, final=True)
+        for event_id, shown in self._shown.items():
+            await self.service.messages.update_body(event_id, shown)
         return self.event_id
 
-    async def _apply(self, action: object) -> None:
-        kind, text = getattr(action, "kind", "none"), getattr(action, "text", "")
-        if kind == "none" or not text:
+    async def _layout(self, text: str, *, final: bool) -> None:
+        """Show ``text``: the first message only while streaming, every one at the end."""
+        if not text.strip():
             return
+        pieces = reply_pieces(text)
+        for index, piece in enumerate(pieces if final else pieces[:1]):
+            await self._show(index, piece)
+
+    async def _show(self, index: int, text: str) -> None:
         sender, msg, persona = self.service.sender, self.msg, self.persona
+        event_id: str | None
+        if index == 0:
+            event_id = self.event_id
+        else:
+            event_id = self._parts[index - 1] if index <= len(self._parts) else None
+        if event_id is not None and self._shown.get(event_id) == text:
+            return
         html = markdown_to_html(text)
         self.wrote = True
-        if self.event_id is None:
-            self.first_visible_s = time.monotonic() - self._started
-            self.event_id = await sender.send_text(
+        part = () if index == 0 else (f"part{index}",)
+        if event_id is None:
+            if index == 0:
+                self.first_visible_s = time.monotonic() - self._started
+            event_id = await sender.send_text(
                 self.intent,
                 msg.room_id,
                 text,
-                txn_id=stable_txn_id(msg.event_id, persona.mxid, *self._hop),
+                txn_id=stable_txn_id(msg.event_id, persona.mxid, *self._hop, *part),
                 html=html,
                 persona=persona.name,
                 extra=self.extra,
             )
-            # A resume now edits this instead of posting.
-            await self.service.jobs.set_reply_event(msg.event_id, persona.name, self.event_id)
+            if index == 0:
+                self.event_id = event_id
+                # A resume now edits this instead of posting.
+                await self.service.jobs.set_reply_event(msg.event_id, persona.name, event_id)
+            else:
+                self._parts.append(event_id)
         else:
             self.edits_sent += 1
             await sender.edit_text(
                 self.intent,
                 msg.room_id,
-                self.event_id,
+                event_id,
                 text,
                 txn_id=stable_txn_id(
-                    msg.event_id, persona.mxid, self._edit_tag, *self._hop, str(self.edits_sent)
+                    msg.event_id,
+                    persona.mxid,
+                    self._edit_tag,
+                    *self._hop,
+                    *part,
+                    str(self.edits_sent),
                 ),
                 html=html,
                 persona=persona.name,
             )
+        self._shown[event_id] = text
 
 
 def _combined(steps: Sequence[GenerationStats]) -> GenerationStats:

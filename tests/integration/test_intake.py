@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -144,6 +145,38 @@ async def test_every_route_takes_the_token_from_the_header_only_in_constant_time
             async with http.request(method, url, json=body, headers=right) as r:
                 assert r.status not in (401, 403), (method, path)
             assert compared == [HS_TOKEN.encode()], (method, path)
+    finally:
+        await stop_intake(running)
+
+
+async def test_origin_server_ts_is_clamped_to_the_receive_time(
+    db_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Before: a future timestamp sorted its event after every later one (it stayed the
+    "newest" message of the room), and 2**70 failed the transaction (500) for good."""
+    running = await start_intake(db_url)
+    try:
+        body = txn_body("$normal", "$future", "$huge", "$negative")
+        before = int(time.time() * 1000)
+        year = 365 * 24 * 3600 * 1000
+        stamps = [before - 1000, before + 10 * year, 2**70, -5]
+        for event, ts in zip(body["events"], stamps, strict=True):
+            event["origin_server_ts"] = ts
+        assert await put(http, running.url("ts1"), body, HS_TOKEN) == 200
+        after = int(time.time() * 1000)
+        later = txn_body("$later")
+        later["events"][0]["origin_server_ts"] = int(time.time() * 1000)
+        assert await put(http, running.url("ts2"), later, HS_TOKEN) == 200
+        rows = {
+            eid: await running.intake.messages.get(eid)
+            for eid in ("$normal", "$future", "$huge", "$negative", "$later")
+        }
+        assert rows["$normal"] is not None and rows["$normal"].ts == before - 1000
+        for eid in ("$future", "$huge", "$negative"):
+            row = rows[eid]
+            assert row is not None and before <= row.ts <= after, (eid, row)
+        recent = await running.intake.messages.recent("!room:hive.test", 0, 10)
+        assert recent[-1].event_id == "$later"  # the newest is the one that came last
     finally:
         await stop_intake(running)
 

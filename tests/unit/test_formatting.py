@@ -252,3 +252,28 @@ def test_pieces_rejoin_to_the_original_without_fences(text: str, max_bytes: int)
     assert "".join(pieces) == text
     assert all(byte_len(p) <= max_bytes for p in pieces)
     assert all(p for p in pieces) or pieces == [""]
+
+
+def test_reply_pieces_are_bounded_in_size_and_number() -> None:
+    """Before: a reply was one event of any size; Synapse refused those over 64 KiB."""
+    from hivebridge.conversation.formatting import (
+        MAX_REPLY_PIECES,
+        REPLY_CUT_NOTE,
+        REPLY_PIECE_BYTES,
+        reply_pieces,
+    )
+
+    short = reply_pieces("Hello there.")
+    assert short == ["Hello there."]
+    para = "A sentence of some length that goes on. " * 20 + "\n\n"
+    long = para * 60  # ≈ 50 kB
+    pieces = reply_pieces(long)
+    assert 1 < len(pieces) <= MAX_REPLY_PIECES
+    assert all(len(p.encode()) <= REPLY_PIECE_BYTES for p in pieces)
+    assert "".join(pieces) == long
+    assert all(p.endswith("\n\n") for p in pieces)  # cut at paragraph breaks
+    huge = reply_pieces(para * 1000 + "\x00\x01 control")
+    assert len(huge) == MAX_REPLY_PIECES and huge[-1].endswith(REPLY_CUT_NOTE)
+    assert all(len(p.encode()) <= REPLY_PIECE_BYTES for p in huge)
+    assert "\x00" not in "".join(reply_pieces("a\x00b\x1bc\nd\te"))
+    assert reply_pieces("a\x00b\x1bc\nd\te") == ["abc\nd\te"]
