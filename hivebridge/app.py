@@ -287,6 +287,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         messages=messages,
         txns=TxnStore(db),
         is_own_user=namespace_matcher(config),
+        summaries=SummaryStore(db),
         server=config.homeserver.address,
         domain=config.homeserver.domain,
         as_token=as_token,
@@ -372,6 +373,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         HandledMarks(messages),
         toolbox.approvals,
         on_encrypted=encrypted.on_encrypted,
+        summarizer=summarizer,
     )
     RoomCommands(rooms, handler.forget_room).register(commands)
     MetaCommands(commands).register(commands)

@@ -107,6 +107,51 @@ class MessageStore:
         """The final text of a message we edited while streaming."""
         await self.db.execute("UPDATE messages SET body=$2 WHERE event_id=$1", event_id, body)
 
+    async def redact(
+        self, room_id: str, event_id: str, conn: LoggingConnection | None = None
+    ) -> int | None:
+        """Blank a redacted message: no text and no content left, out of every prompt.
+
+        Only a message of ``room_id`` (a redaction acts in its own room). Returns
+        the message's ``ts`` (which summaries covered it), None when unknown.
+        """
+        ts = await (conn or self.db).fetchval(
+            "SELECT ts FROM messages WHERE event_id=$1 AND room_id=$2", event_id, room_id
+        )
+        if ts is None:
+            return None
+        await (conn or self.db).execute(
+            "UPDATE messages SET body='', content='{}', in_context=false WHERE event_id=$1",
+            event_id,
+        )
+        return int(ts)
+
+    async def replies_to(
+        self, room_id: str, event_id: str, conn: LoggingConnection | None = None
+    ) -> list[StoredMessage]:
+        """The messages of ``room_id`` that reply to ``event_id`` (they may quote it)."""
+        rows = await (conn or self.db).fetch(
+            f"SELECT {_COLUMNS} FROM messages WHERE room_id=$1 AND in_reply_to=$2",
+            room_id,
+            event_id,
+        )
+        return [StoredMessage.from_row(r) for r in rows]
+
+    async def set_text(
+        self,
+        event_id: str,
+        body: str,
+        content: dict[str, Any],
+        conn: LoggingConnection | None = None,
+    ) -> None:
+        """Replace a message's text and content (an edit, or a quote of a redacted one)."""
+        await (conn or self.db).execute(
+            "UPDATE messages SET body=$2, content=$3 WHERE event_id=$1",
+            event_id,
+            body,
+            json.dumps(content, ensure_ascii=False),
+        )
+
     async def mark_handled_many(self, event_ids: list[str]) -> None:
         await self.db.executemany(
             "UPDATE messages SET handled=true WHERE event_id=$1", [(e,) for e in event_ids]

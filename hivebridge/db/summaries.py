@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
+from mautrix.util.async_db.connection import LoggingConnection
 
 ROOM = ""  # thread_root of a room's own summary
 
@@ -76,6 +77,15 @@ class SummaryStore:
             now,
         )
         return ChapterSummary(room_id, thread_root, summary, up_to_ts, up_to_event_id, now)
+
+    async def delete_covering(
+        self, room_id: str, ts: int, conn: LoggingConnection | None = None
+    ) -> None:
+        """Drop every summary of the room (and its threads) that covers a message sent at
+        ``ts`` (a redacted one): the next summary is written from what is left."""
+        await (conn or self.db).execute(
+            "DELETE FROM summaries WHERE room_id=$1 AND up_to_ts >= $2", room_id, ts
+        )
 
     async def delete(self, room_id: str, thread_root: str = ROOM) -> None:
         await self.db.execute(

@@ -13,12 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from mautrix.types import Event, EventType, StateEvent
+from mautrix.types import Event, EventType, RedactionEvent, StateEvent
 
+from ..bounded import RecentSet
 from ..db.messages import StoredMessage
 from ..db.resilience import is_connection_lost, retry_when_lost
 from ..matrix.members import RoomMembers
 from ..matrix.room_queues import RoomQueues
+from ..personas.summaries import Summarizer
 from ..personas.tools import Approvals
 from .handled import HandledMarks
 from .membership import MembershipHandler
@@ -51,17 +53,23 @@ class RoomEventHandler:
         approvals: Approvals | None = None,
         *,
         on_encrypted: Callable[[str, Event], Awaitable[None]] | None = None,
+        summarizer: Summarizer | None = None,
     ) -> None:
         """``approvals``: answers to tool approvals are taken as they arrive, ahead of
         the room's queue (the reply waiting for one holds that queue).
         ``on_encrypted(room_id, event)``: an ``m.room.encrypted`` event, in room order;
-        None ignores them."""
+        None ignores them. ``summarizer``: its jobs and summaries of a room forget a
+        redacted message."""
         self.approvals = approvals
         self.members = members
         self.membership = membership
         self.messages = messages
         self.handled = handled
         self.on_encrypted = on_encrypted
+        self.summarizer = summarizer
+        # Messages a redaction named while they may still wait in a queue: their row
+        # (blanked by intake if the redaction holds) is read again before routing.
+        self._redacted: RecentSet[str] = RecentSet(4096)
         self.queues: RoomQueues[RoomWork] = RoomQueues(
             self._handle, droppable=self._droppable, on_drop=self._dropped
         )
@@ -97,6 +105,9 @@ class RoomEventHandler:
             self.queues.push(room_id, RoomWork(event=event))
         elif stored is not None:
             self.queues.push(room_id, RoomWork(message=stored))
+        elif isinstance(event, RedactionEvent):
+            self._redacted.add(str(event.redacts))
+            self.queues.push(room_id, RoomWork(event=event))
         elif event.type == EventType.ROOM_ENCRYPTED and self.on_encrypted is not None:
             self.queues.push(room_id, RoomWork(event=event))
 
@@ -130,6 +141,8 @@ class RoomEventHandler:
                 what="routing",
                 extra={"room_id": room_id},
             )
+        elif isinstance(work.event, RedactionEvent):
+            await self._on_redaction(room_id, str(work.event.redacts))
         elif work.event is not None and self.on_encrypted is not None:
             encrypted, event = self.on_encrypted, work.event
             await retry_when_lost(
@@ -140,6 +153,12 @@ class RoomEventHandler:
             )
         elif work.message is not None:
             msg = work.message
+            if msg.event_id in self._redacted:
+                again = await self.messages.messages.get(msg.event_id)
+                if again is None or not again.content:
+                    self.handled.add(msg.event_id)  # redacted before its turn came
+                    return
+                msg = again
             try:
                 # Again after a lost connection means resumed: a persona whose reply job
                 # was written answers through it, so none answers twice.
@@ -163,6 +182,14 @@ class RoomEventHandler:
                 self.handled.add(msg.event_id)
                 raise
             self.handled.add(msg.event_id)
+
+    async def _on_redaction(self, room_id: str, event_id: str) -> None:
+        """Intake blanked the message if the redaction holds; summaries then forget it."""
+        row = await self.messages.messages.get(event_id)
+        if row is None or row.room_id != room_id or row.content or row.body:
+            return  # unknown here, or a redaction its sender had no right to make
+        if self.summarizer is not None:
+            await self.summarizer.forget_since(room_id, row.ts)
 
     async def drain(self) -> None:
         """Wait until everything queued is handled and marked so in the database."""

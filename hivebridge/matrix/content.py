@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..db.messages import StoredMessage
@@ -51,6 +52,10 @@ def stored_from_event(
     msgtype = content.get("msgtype")
     relates = content.get("m.relates_to")
     relates = relates if isinstance(relates, dict) else {}
+    if relates.get("rel_type") == "m.replace":
+        # An edit's text goes onto the message it edits (see edit_of); its own row
+        # keeps only the relation, so a redaction of the original leaves no copy.
+        body, content = "", {"msgtype": msgtype, "m.relates_to": relates}
     thread_root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
     reply = relates.get("m.in_reply_to")
     in_reply_to = reply.get("event_id") if isinstance(reply, dict) else None
@@ -81,6 +86,62 @@ def is_edit(content: Mapping[str, Any]) -> bool:
     """An ``m.replace`` edit of another event: the original already had its turn."""
     relates = content.get("m.relates_to") if isinstance(content, Mapping) else None
     return isinstance(relates, Mapping) and relates.get("rel_type") == "m.replace"
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """An ``m.replace`` of a message: the event it edits and its newest text."""
+
+    event_id: str
+    body: str
+    new_content: dict[str, Any]
+
+
+def edit_of(raw: Mapping[str, Any]) -> Edit | None:
+    """The edit an ``m.room.message`` event makes, if it is a well-formed one."""
+    content = raw.get("content")
+    if raw.get("type") != "m.room.message" or not isinstance(content, Mapping):
+        return None
+    relates = content.get("m.relates_to")
+    new = content.get("m.new_content")
+    if not is_edit(content) or not isinstance(new, dict) or not isinstance(relates, Mapping):
+        return None
+    target, body = relates.get("event_id"), new.get("body")
+    if not isinstance(target, str) or not target or not isinstance(body, str):
+        return None
+    return Edit(target, body, new)
+
+
+def edited_content(original: Mapping[str, Any], edit: Edit) -> dict[str, Any]:
+    """The original's content showing the edit's text; its relations (reply, thread) stay."""
+    merged = {k: v for k, v in original.items() if k not in ("body", "format", "formatted_body")}
+    for key in ("msgtype", "body", "format", "formatted_body"):
+        if key in edit.new_content:
+            merged[key] = edit.new_content[key]
+    return merged
+
+
+def redacted_id(raw: Mapping[str, Any]) -> str | None:
+    """The event an ``m.room.redaction`` redacts (top level, or in the content since v11)."""
+    if raw.get("type") != "m.room.redaction":
+        return None
+    redacts = raw.get("redacts")
+    content = raw.get("content")
+    if not isinstance(redacts, str) and isinstance(content, Mapping):
+        redacts = content.get("redacts")
+    return redacts if isinstance(redacts, str) and redacts else None
+
+
+def without_quote(content: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A reply's body and content without the fallback quote of the message it answers."""
+    out = dict(content)
+    body = out.get("body")
+    body = strip_reply_fallback(body) if isinstance(body, str) else ""
+    out["body"] = body
+    html = out.get("formatted_body")
+    if isinstance(html, str):
+        out["formatted_body"] = strip_html_reply(html)
+    return body, out
 
 
 def strip_reply_fallback(body: str) -> str:

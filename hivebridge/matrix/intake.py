@@ -26,8 +26,9 @@ from .. import metrics
 from ..bounded import RecentSet
 from ..db.messages import MessageStore, StoredMessage
 from ..db.resilience import is_connection_lost
+from ..db.summaries import SummaryStore
 from ..db.txns import TxnStore
-from .content import stored_from_event
+from .content import edit_of, edited_content, redacted_id, stored_from_event, without_quote
 
 log = logging.getLogger("hivebridge.intake")
 
@@ -60,13 +61,16 @@ class Intake(AppService):
         messages: MessageStore,
         txns: TxnStore,
         is_own_user: Callable[[str], bool] = lambda _: True,
+        summaries: SummaryStore | None = None,
         **kwargs: Any,
     ) -> None:
+        """``summaries``: chapter summaries a redaction must drop (None: none kept)."""
         super().__init__(**kwargs)
         self.runner = None  # mautrix only sets it in start(); stop() must work before that
         self._is_own = is_own_user
         self.messages = messages
         self.txns = txns
+        self.summaries = summaries
         self._sink: EventSink | None = None
         # Transactions answered 500 that may have committed anyway (the connection was
         # lost with the COMMIT's answer): their retry delivers instead of skipping.
@@ -193,7 +197,7 @@ class Intake(AppService):
             log.info("transaction %s had committed before it failed; delivering it now", txn_id)
             fresh = await self._unrouted(rows)
         else:
-            fresh = await self._store(txn_id, rows)
+            fresh = await self._store(txn_id, rows, events)
         self._unsettled.pop(txn_id, None)
         # Counted once committed, so a transaction that failed and is retried counts once.
         for raw in events:
@@ -217,8 +221,11 @@ class Intake(AppService):
                 found[row.event_id] = known
         return found
 
-    async def _store(self, txn_id: str, rows: list[StoredMessage]) -> dict[str, StoredMessage]:
-        """Store the messages and mark the transaction processed, in one DB transaction."""
+    async def _store(
+        self, txn_id: str, rows: list[StoredMessage], events: list[Any]
+    ) -> dict[str, StoredMessage]:
+        """Store the messages, apply edits and redactions, and mark the transaction
+        processed, in one DB transaction."""
         fresh: dict[str, StoredMessage] = {}
         conn: LoggingConnection
         async with self.messages.db.acquire() as conn, conn.transaction():
@@ -232,8 +239,54 @@ class Intake(AppService):
                     known = await self.messages.get(row.event_id, conn)
                     if known is not None and known.persona and not known.handled:
                         fresh[row.event_id] = known
+            for raw in events:
+                if isinstance(raw, dict):
+                    await self._apply_change(raw, conn)
             await self.txns.mark_processed(txn_id, conn)
         return fresh
+
+    async def _apply_change(self, raw: dict[str, Any], conn: LoggingConnection) -> None:
+        """A human's edit goes onto the message it edits (prompts read the newest text);
+        a redaction blanks its message and the quotes of it in replies, and drops the
+        summaries that covered it."""
+        room_id, sender = raw.get("room_id"), raw.get("sender")
+        if not isinstance(room_id, str) or not isinstance(sender, str):
+            return
+        edit = edit_of(raw)
+        if edit is not None and not self._is_own(sender):
+            original = await self.messages.get(edit.event_id, conn)
+            if (
+                original is not None
+                and original.room_id == room_id
+                and original.sender == sender  # only its author may edit a message
+                and original.persona is None
+                and original.content  # not redacted
+            ):
+                content = edited_content(original.content, edit)
+                await self.messages.set_text(original.event_id, edit.body, content, conn)
+            return
+        redacts = redacted_id(raw)
+        if redacts is None:
+            return
+        original = await self.messages.get(redacts, conn)
+        if original is None or original.room_id != room_id:
+            return
+        if original.sender != sender and not await self._may_redact(room_id, sender):
+            log.info("ignoring a redaction by %s, who may not redact others' messages", sender)
+            return
+        ts = await self.messages.redact(room_id, redacts, conn)
+        for reply in await self.messages.replies_to(room_id, redacts, conn):
+            body, content = without_quote(reply.content)
+            await self.messages.set_text(reply.event_id, body, content, conn)
+        if ts is not None and self.summaries is not None:
+            await self.summaries.delete_covering(room_id, ts, conn)
+
+    async def _may_redact(self, room_id: str, sender: str) -> bool:
+        """Whether ``sender``'s power level reaches the room's redact level (as last seen)."""
+        levels = await self.state_store.get_power_levels(room_id)  # type: ignore[arg-type]
+        if levels is None:
+            return False
+        return bool(levels.get_user_level(sender) >= levels.redact)  # type: ignore[arg-type]
 
     async def _deliver(self, raw: Any, fresh: dict[str, StoredMessage]) -> None:
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
@@ -241,6 +294,9 @@ class Intake(AppService):
         if not isinstance(raw.get("room_id"), str):
             return
         self._fix_prev_content(cast(Any, raw))
+        redacts = redacted_id(raw)
+        if redacts is not None:
+            raw = {**raw, "redacts": redacts}  # room v11 moved it into the content
         event = Event.deserialize(raw)
         if event.type is None:
             return

@@ -139,6 +139,15 @@ class Summarizer:
         )
         return stored
 
+    async def forget_since(self, room_id: str, ts: int) -> None:
+        """A message sent at ``ts`` was redacted: a job that may have read it is cancelled
+        and every summary covering it dropped; the next reply summarizes what is left."""
+        job = self._jobs.get(room_id)
+        if job is not None and not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+        await self.store.delete_covering(room_id, ts)
+
     async def wait_idle(self, room_id: str | None = None) -> None:
         """Wait for the running job of ``room_id`` (or of every room) to end."""
         jobs = [self._jobs[room_id]] if room_id in self._jobs else []

@@ -13,6 +13,7 @@ from mautrix.types import Event
 
 from hivebridge.db import open_database
 from hivebridge.db.messages import MessageStore, StoredMessage
+from hivebridge.db.summaries import SummaryStore
 from hivebridge.db.txns import TxnStore
 from hivebridge.devserver.process import free_port
 from hivebridge.matrix import intake as intake_module
@@ -29,7 +30,7 @@ class Running:
         return f"http://127.0.0.1:{self.port}/_matrix/app/v1/transactions/{txn}"
 
 
-async def start_intake(db_url: str) -> Running:
+async def start_intake(db_url: str, **kwargs: Any) -> Running:
     db = await open_database(db_url)
     state_store = PgASStateStore(db)
     await state_store.upgrade_table.upgrade(db)
@@ -48,6 +49,7 @@ async def start_intake(db_url: str) -> Running:
         bot_localpart="hive_bot",
         id="hivebridge",
         state_store=state_store,
+        **kwargs,
     )
     port = free_port()
     await intake.start("127.0.0.1", port, sink=on_event)
@@ -229,5 +231,113 @@ async def test_malformed_events_are_skipped_not_fatal(
             running.url("10"), data=b"{not json", headers={"Authorization": f"Bearer {HS_TOKEN}"}
         ) as resp:
             assert resp.status == 400
+    finally:
+        await stop_intake(running)
+
+
+CANARY = "canary-7f3a-SECRET-paste"
+
+
+def event(eid: str, sender: str, content: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "event_id": eid,
+        "room_id": "!room:hive.test",
+        "sender": sender,
+        "origin_server_ts": 1_700_000_000_000,
+        "content": content,
+        **extra,
+    }
+
+
+def edit(eid: str, sender: str, target: str, text: str) -> dict[str, Any]:
+    return event(
+        eid,
+        sender,
+        {
+            "msgtype": "m.text",
+            "body": f"* {text}",
+            "m.new_content": {"msgtype": "m.text", "body": text},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": target},
+        },
+    )
+
+
+def redaction(eid: str, sender: str, target: str, *, v11: bool = False) -> dict[str, Any]:
+    raw = {
+        "type": "m.room.redaction",
+        "event_id": eid,
+        "room_id": "!room:hive.test",
+        "sender": sender,
+        "origin_server_ts": 1_700_000_000_500,
+        "content": {"redacts": target} if v11 else {},
+    }
+    if not v11:
+        raw["redacts"] = target
+    return raw
+
+
+async def test_edits_update_the_original_and_redactions_leave_no_trace(
+    db_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Before: an edit was a row of its own (prompts kept the original text), and a
+    redaction changed nothing: the text stayed in the row, its edits and its quotes."""
+    alice, mallory = "@alice:hive.test", "@mallory:hive.test"
+    running = await start_intake(db_url, is_own_user=lambda m: m.startswith("@hive_"))
+    summaries = SummaryStore(running.intake.messages.db)
+    running.intake.summaries = summaries
+    store = running.intake.messages
+    try:
+        first = event("$typo", alice, {"msgtype": "m.text", "body": "helo wrld"})
+        fixed = edit("$fix", alice, "$typo", "hello world")
+        forged = edit("$forged", mallory, "$typo", "mallory was here")
+        assert (
+            await put(http, running.url("e1"), {"events": [first, fixed, forged]}, HS_TOKEN) == 200
+        )
+        row = await store.get("$typo")
+        assert (
+            row is not None and row.body == "hello world" and row.content["body"] == "hello world"
+        )
+        edit_row = await store.get("$fix")
+        assert edit_row is not None and edit_row.body == "" and "hello" not in str(edit_row.content)
+
+        secret = event("$key", alice, {"msgtype": "m.text", "body": f"my key is {CANARY}"})
+        again = edit("$key-edit", alice, "$key", f"my key is {CANARY} (really)")
+        quote = event(
+            "$reply",
+            "@bob:hive.test",
+            {
+                "msgtype": "m.text",
+                "body": f"> <{alice}> my key is {CANARY}\n\nplease redact that",
+                "format": "org.matrix.custom.html",
+                "formatted_body": f"<mx-reply>{CANARY}</mx-reply>please redact that",
+                "m.relates_to": {"m.in_reply_to": {"event_id": "$key"}},
+            },
+        )
+        body = {"events": [secret, again, quote]}
+        assert await put(http, running.url("e2"), body, HS_TOKEN) == 200
+        await summaries.put(
+            "!room:hive.test", "", f"Alice shared {CANARY}.", 1_700_000_000_000, "$key"
+        )
+        assert (
+            await put(
+                http, running.url("e3"), {"events": [redaction("$no", mallory, "$key")]}, HS_TOKEN
+            )
+            == 200
+        )
+        row = await store.get("$key")
+        assert row is not None and CANARY in row.body  # mallory may not redact alice's message
+        redact = redaction("$red", alice, "$key", v11=db_url.startswith("sqlite"))
+        assert await put(http, running.url("e4"), {"events": [redact]}, HS_TOKEN) == 200
+
+        db = running.intake.messages.db
+        rows = await db.fetch("SELECT * FROM messages")
+        assert rows and not [dict(r) for r in rows if CANARY in repr(dict(r))]
+        row = await store.get("$key")
+        assert row is not None and row.body == "" and row.content == {}
+        reply = await store.get("$reply")
+        assert reply is not None and reply.body == "please redact that"
+        assert await summaries.get("!room:hive.test") is None
+        assert [e for e, _ in running.seen if e == "$red"]  # delivered on, for the handler
     finally:
         await stop_intake(running)
