@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from hivebridge.app import Bridge
 from hivebridge.conversation.formatting import MAX_REPLY_PIECES, REPLY_CUT_NOTE
+from hivebridge.db.personas import Persona
 from hivebridge.devserver.client import HumanClient, is_edit, shown_text
+from hivebridge.inference.types import Backend, ChatMessage, Generation, SamplingParams
 from hivebridge.personas.replies import ReplyDone
 from tests.e2e.conftest import Homeserver
 from tests.e2e.test_personas import command
@@ -91,3 +96,100 @@ async def test_a_runaway_reply_is_split_into_a_few_events_none_over_64_kib(
     assert shown[0].startswith("The endpoint keeps talking")
     assert shown[-1].endswith(REPLY_CUT_NOTE.strip()), shown[-1][-80:]
     assert not any("could not answer" in s for s in shown)
+
+
+CANARY = "canary-91b2-DO-NOT-LEAK"
+
+
+class Recording:
+    """Wraps each persona's backend to keep every prompt it is given."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.prompts: list[tuple[str, list[ChatMessage]]] = []
+        self._inner = bridge.parts.replies.backend_for
+        bridge.parts.replies.backend_for = self.backend_for
+
+    def backend_for(self, persona: Persona) -> Backend:
+        inner, prompts = self._inner(persona), self.prompts
+
+        class Recorded:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+            def generate(
+                self,
+                messages: Sequence[ChatMessage],
+                params: SamplingParams,
+                *,
+                session: str | None = None,
+            ) -> Generation:
+                prompts.append((persona.name, list(messages)))
+                return inner.generate(messages, params, session=session)
+
+        return Recorded()  # type: ignore[return-value]
+
+    def of(self, persona: str) -> str:
+        """The last prompt ``persona`` was given, as one text."""
+        found = [msgs for name, msgs in self.prompts if name == persona]
+        assert found, self.prompts
+        return "\n".join(m.content or "" for m in found[-1])
+
+
+async def redact(owner: HumanClient, room: str, event_id: str) -> None:
+    txn = f"r{time.time_ns()}"
+    await owner.request("PUT", f"/rooms/{quote(room)}/redact/{quote(event_id)}/{txn}", {})
+
+
+async def test_a_redacted_message_reaches_no_prompt_and_leaves_no_trace(
+    homeserver: Homeserver, bridge: Bridge
+) -> None:
+    """Before: the redacted text stayed in its row and in every later prompt, local and
+    remote; an edited message reached models with its first text."""
+    endpoint = FakeOpenAI(model="remote-m")
+    await endpoint.start()
+    recording = Recording(bridge)
+    try:
+        model = await remote_model(bridge, endpoint, "gpu9")
+        async with homeserver.owner() as owner:
+            room, remote = await persona_in_room(owner, bridge, "farsight", model)
+            local = bridge.config.persona_mxid("homely")
+            bot = bridge.config.bot_mxid
+            answer = await command(owner, room, f"!persona spawn homely --room {room}", bot)
+            assert answer.startswith("Spawned"), answer
+            await owner.wait_for_members(room, {local})
+
+            pasted = await owner.send_text(room, f"oops, my api key is {CANARY}")
+            colour = await owner.send_text(room, "my favourite colour is blue")
+            await owner.send(
+                room,
+                {
+                    "msgtype": "m.text",
+                    "body": "* my favourite colour is green",
+                    "m.new_content": {"msgtype": "m.text", "body": "my favourite colour is green"},
+                    "m.relates_to": {"rel_type": "m.replace", "event_id": colour},
+                },
+            )
+            await reply_to(owner, bridge, room, remote, "farsight, what did I just say?")
+            seen = endpoint.requests[-1].body
+            assert CANARY in json.dumps(seen)  # the test can see a leak
+            assert "green" in json.dumps(seen) and "blue" not in json.dumps(seen)
+
+            await redact(owner, room, pasted)
+            deadline = time.monotonic() + 30
+            while (row := await bridge.parts.messages.get(pasted)) is None or row.content:
+                assert time.monotonic() < deadline, "the redaction never arrived"
+                await asyncio.sleep(0.2)
+            await bridge.parts.handler.drain()
+
+            await reply_to(owner, bridge, room, remote, "farsight, and now?")
+            await reply_to(owner, bridge, room, local, "homely, and now?")
+    finally:
+        await endpoint.stop()
+    after = [r.body for r in endpoint.requests if CANARY not in json.dumps(r.body)]
+    assert endpoint.requests[-1].body in after  # the remote endpoint no longer gets it
+    assert CANARY not in recording.of("farsight") and "and now" in recording.of("farsight")
+    assert CANARY not in recording.of("homely") and "and now" in recording.of("homely")
+    rows = await bridge.parts.db.fetch("SELECT * FROM messages")
+    assert rows and not [dict(r) for r in rows if CANARY in repr(dict(r))]
+    summaries = await bridge.parts.db.fetch("SELECT * FROM summaries")
+    assert not [dict(r) for r in summaries if CANARY in repr(dict(r))]

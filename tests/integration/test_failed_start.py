@@ -8,6 +8,7 @@ process hanging (``'Intake' object has no attribute 'runner'`` on stop).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -72,3 +73,18 @@ def test_a_missing_model_file_is_a_config_error(tmp_path: Path) -> None:
     assert stderr.strip().splitlines() == [
         f"hivebridge: config: inference.local.model_path: no such file: {tmp_path}/no.gguf"
     ]
+
+
+def test_a_port_already_taken_exits_1_with_one_line(tmp_path: Path) -> None:
+    """The appservice listener cannot bind: the start unwinds (engine, database) and ends."""
+    config_path, registration = write_config(tmp_path)
+    port = load_config(config_path).appservice.port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        code, stderr, took = run_bridge(config_path, registration)
+    print(f"failed start took {took:.1f}s")
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert code == 1, stderr
+    assert len(errors) == 1 and "hivebridge could not start" in errors[0], stderr
+    assert "Traceback" not in stderr
