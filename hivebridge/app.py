@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.util.async_db import Database
 
 from . import metrics
@@ -53,7 +52,7 @@ from .db.tool_calls import ToolCallStore
 from .db.trust import TrustStore
 from .db.txns import TxnStore
 from .db.usage import RateLimitStore, UsageStore
-from .handler.encrypted import EncryptedRoomNotices
+from .handler.encrypted import EncryptedRoomNotices, UnreadableMessages
 from .handler.handled import HandledMarks
 from .handler.membership import MembershipHandler
 from .handler.messages import MessageHandler
@@ -72,6 +71,7 @@ from .inference.local.settings import EngineSettings, WorkerProfile
 from .inference.router import InferenceRouter
 from .inference.types import Backend
 from .logs import LogLevel
+from .matrix.crypto import Encryption, RoomStateStore
 from .matrix.intake import Intake
 from .matrix.members import RoomMembers
 from .matrix.sender import Sender
@@ -263,6 +263,8 @@ class Parts:
     tool_calls: ToolCallStore
     #: The config in force (``reloader.current``) and every part that takes a new one.
     reloader: ConfigReloader
+    #: The personas' encryption devices; None when encryption is off.
+    encryption: Encryption | None = None
 
 
 async def build(config: Config, registration_path: Path, stack: AsyncExitStack) -> Parts:
@@ -278,8 +280,9 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         )
     db = await open_database(config.database_url())
     stack.push_async_callback(db.stop)
-    state_store = PgASStateStore(db)
+    state_store = RoomStateStore(db)
     await state_store.upgrade_table.upgrade(db)
+    encryption = build_encryption(config, db, state_store, as_token)
 
     messages, rooms, jobs = MessageStore(db), RoomStore(db), ReplyJobStore(db)
     usage, endpoints = UsageStore(db), EndpointStore(db)
@@ -296,6 +299,8 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         id=config.appservice.id,
         state_store=state_store,
         log=logging.getLogger("hivebridge.appservice"),
+        encryption=encryption,
+        key_wait_s=config.encryption.key_wait_s,
     )
     members = RoomMembers(state_store)
 
@@ -324,7 +329,9 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         return catalogue.backend_for(ref, persona.profile)
 
     personas = PersonaDirectory(config, PersonaStore(db), intake)
-    lifecycle = PersonaLifecycle(personas)
+    lifecycle = PersonaLifecycle(
+        personas, device=encryption.device if encryption is not None else None
+    )
     roles = Roles(config.permissions, TrustStore(db))
     toolbox = build_toolbox(config, messages, roles)
     tool_calls = ToolCallStore(db)
@@ -334,7 +341,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         config, personas, members, messages, rooms, SummaryStore(db), models.count_tokens,
         tool_calls,
     )  # fmt: skip
-    sender = Sender(messages)
+    sender = Sender(messages, encryption=encryption)
     replies = ReplyService(
         config,
         personas,
@@ -356,15 +363,21 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         config, intake, personas, members, messages, rooms, roles, commands, sender, replies,
         limits,
     )  # fmt: skip
-    # Until personas can decrypt, encrypted rooms get a notice instead of silence.
-    encrypted = EncryptedRoomNotices(intake, personas, members, messages, sender)
+    # Encryption on: what no persona could decrypt in time gets a notice. Off:
+    # encrypted rooms get a notice that personas cannot read them.
+    if encryption is not None:
+        unreadable = UnreadableMessages(encryption, personas, members, messages, sender)
+        on_encrypted, on_joined = unreadable.on_encrypted, None
+    else:
+        notices = EncryptedRoomNotices(intake, personas, members, messages, sender)
+        on_encrypted, on_joined = notices.on_encrypted, notices.on_joined
     membership = MembershipHandler(
         config.permissions,
         intake,
         personas,
         members,
         on_left=message_handler.forget_room,
-        on_joined=encrypted.on_joined,
+        on_joined=on_joined,
     )
     handler = RoomEventHandler(
         members,
@@ -372,7 +385,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         message_handler,
         HandledMarks(messages),
         toolbox.approvals,
-        on_encrypted=encrypted.on_encrypted,
+        on_encrypted=on_encrypted,
         summarizer=summarizer,
     )
     RoomCommands(rooms, handler.forget_room).register(commands)
@@ -448,6 +461,26 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         tools=toolbox,
         tool_calls=tool_calls,
         reloader=reloader,
+        encryption=encryption,
+    )
+
+
+def build_encryption(
+    config: Config, db: Database, state_store: RoomStateStore, as_token: str
+) -> Encryption | None:
+    """The personas' devices and keys, when ``encryption.enabled``."""
+    cfg = config.encryption
+    if not cfg.enabled or not cfg.pickle_key:
+        return None
+    return Encryption(
+        db=db,
+        state_store=state_store,
+        homeserver=config.homeserver.address,
+        as_token=as_token,
+        pickle_key=cfg.pickle_key,
+        device_name=cfg.device_name,
+        self_sign=cfg.self_sign,
+        is_ours=namespace_matcher(config),
     )
 
 
@@ -505,6 +538,9 @@ class Bridge:
         p.inference.start()
         stack.push_async_callback(p.inference.aclose)
         unfinished = await self.unfinished()
+        if p.encryption is not None:
+            await p.encryption.start()
+            stack.push_async_callback(p.encryption.close)
         stack.push_async_callback(p.intake.stop)  # the client side: sends until here
         stack.push_async_callback(p.summarizer.close)
         stack.push_async_callback(p.handler.close)
@@ -519,6 +555,12 @@ class Bridge:
         await p.intake.intent.ensure_registered()
         await p.intake.intent.set_displayname(config.appservice.bot_displayname)
         await p.personas.ensure_default()
+        if p.encryption is not None:
+            # Every user of ours has its device before anyone writes to it; after the
+            # first start this loads them from the database.
+            await p.encryption.ensure_devices(
+                [config.bot_mxid, *(persona.mxid for persona in p.personas.all())]
+            )
         await self._start_web(p, stack)
         p.intake.ready = True
         await self._ping_homeserver(p)

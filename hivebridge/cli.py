@@ -74,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .registration import load_tokens
 
         setup_logging(config.logging.level)
-        redactor.add(*load_tokens(config, args.registration), config.admin_api.token)
+        redactor.add(
+            *load_tokens(config, args.registration),
+            config.admin_api.token,
+            config.encryption.pickle_key,
+        )
         config.make_data_dir()
         return asyncio.run(run(config, args.registration))
     except ConfigError as e:

@@ -30,6 +30,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "HIVEBRIDGE_HOMESERVER_ADDRESS": "homeserver.address",
     "HIVEBRIDGE_ADMIN_TOKEN": "admin_api.token",
     "HIVEBRIDGE_SESSION_SALT": "inference.session_salt",
+    "HIVEBRIDGE_PICKLE_KEY": "encryption.pickle_key",
 }
 
 _LOCALPART_RE = re.compile(r"^[a-z0-9._=/+-]+$")
@@ -573,6 +574,45 @@ class ToolsConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """End-to-end encryption: personas read and answer in encrypted rooms.
+
+    Each persona (and the bot) gets a Matrix device of its own, created through
+    the appservice (MSC4190) and cross-signed by the persona itself; its Olm and
+    Megolm keys live in the bridge's database, pickled with ``pickle_key``. The
+    homeserver must send to-device events and device lists to the appservice
+    (docs/operations.md, "Encrypted rooms"). Off: encrypted rooms get a notice
+    that the persona cannot read them.
+    """
+
+    enabled: bool = False
+    #: Encrypts the keys at rest (or HIVEBRIDGE_PICKLE_KEY). Required when enabled;
+    #: changing it later makes the stored keys unreadable (new devices, lost sessions).
+    pickle_key: str | None = field(default=None, repr=False)
+    #: Cross-sign each device with its persona's own keys, so clients that share room
+    #: keys only with cross-signed devices include the personas.
+    self_sign: bool = True
+    #: Seconds a message whose room key has not arrived waits for it; then the persona
+    #: says in the room that it could not read it.
+    key_wait_s: float = 30.0
+    #: The display name of the personas' devices (what a user sees in a device list).
+    device_name: str = "hivebridge"
+
+    def validate(self) -> None:
+        if self.enabled and not self.pickle_key:
+            raise ConfigError(
+                "encryption.pickle_key",
+                "required when encryption is enabled (or HIVEBRIDGE_PICKLE_KEY)",
+            )
+        if self.pickle_key is not None and self.enabled and len(self.pickle_key) < 16:
+            raise ConfigError("encryption.pickle_key", "use at least 16 characters")
+        if not 0 < self.key_wait_s <= 3600:
+            raise ConfigError("encryption.key_wait_s", "must be in (0, 3600]")
+        if not self.device_name.strip():
+            raise ConfigError("encryption.device_name", "must not be empty")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus /metrics and the liveness probe."""
 
@@ -630,6 +670,7 @@ class Config:
     replies: RepliesConfig = field(default_factory=RepliesConfig)
     summaries: SummariesConfig = field(default_factory=SummariesConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -165,8 +165,9 @@ RATE_LIMIT_SCOPES: frozenset[str] = frozenset(
 TRANSACTION_OUTCOMES: frozenset[str] = frozenset({"new", "duplicate", "rejected"})
 #: Why a persona's reply ended in an error notice: the backend failed, or said nothing.
 REPLY_FAILURE_REASONS: frozenset[str] = frozenset({"inference_error", "empty"})
-#: What made a persona (or the bot) say it cannot read an encrypted room.
-ENCRYPTED_NOTICE_TRIGGERS: frozenset[str] = frozenset({"message", "join"})
+#: What made a persona (or the bot) say it cannot read an encrypted room (encryption
+#: off: a message or a join), or a message in one (encryption on: its key never came).
+ENCRYPTED_NOTICE_TRIGGERS: frozenset[str] = frozenset({"message", "join", "unreadable"})
 
 
 def persona_label(name: object) -> str:
@@ -320,8 +321,9 @@ ENCRYPTED_UNANSWERED = Counter(
 )
 ENCRYPTED_NOTICES = Counter(
     "hivebridge_encrypted_room_notices",
-    "Notices saying a persona or the bot cannot read an encrypted room (once per room each).",
-    ["trigger"],  # message | join
+    "Notices saying a persona or the bot cannot read an encrypted room (once per room each), "
+    "or a message in one whose key never came (once per sender session).",
+    ["trigger"],  # message | join | unreadable
     registry=REGISTRY,
 )
 

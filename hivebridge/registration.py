@@ -29,7 +29,7 @@ def user_namespace_regex(config: Config) -> str:
 
 
 def make_registration(config: Config) -> dict[str, Any]:
-    return {
+    registration: dict[str, Any] = {
         "id": config.appservice.id,
         "url": config.appservice.address,
         "as_token": secrets.token_urlsafe(48),
@@ -45,6 +45,19 @@ def make_registration(config: Config) -> dict[str, Any]:
         # Typing and receipts (stable key only: the unstable msc2409 key doubles events).
         "receive_ephemeral": True,
     }
+    if config.encryption.enabled:
+        registration.update(ENCRYPTION_REGISTRATION)
+    return registration
+
+
+#: What end-to-end encryption needs from the homeserver, per appservice: device
+#: lists and one-time key counts in transactions (MSC3202) and devices created by
+#: the appservice for its users (MSC4190). To-device events (MSC2409/MSC4203) ride
+#: on ``receive_ephemeral`` once the homeserver enables them (docs/operations.md).
+ENCRYPTION_REGISTRATION: dict[str, Any] = {
+    "org.matrix.msc3202": True,
+    "io.element.msc4190": True,
+}
 
 
 def write_registration(config: Config, path: str | os.PathLike[str]) -> dict[str, Any]:

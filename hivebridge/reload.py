@@ -36,6 +36,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "data_dir",
     "metrics",
     "admin_api",
+    "encryption",
     "inference.local",
     "inference.fallback_model",
 )

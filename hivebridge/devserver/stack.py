@@ -7,6 +7,7 @@ caller then runs a bridge on :attr:`DevStack.config`.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..config import (
     AppserviceConfig,
     Config,
     DatabaseConfig,
+    EncryptionConfig,
     HomeserverConfig,
     LoggingConfig,
     MetricsConfig,
@@ -28,7 +30,8 @@ SERVER_NAME = "hive.test"
 
 
 def stack_config(workdir: Path, hs_url: str, as_port: int) -> Config:
-    """The bridge's config on a dev stack: SQLite under ``workdir``, alice the owner."""
+    """The bridge's config on a dev stack: SQLite under ``workdir``, alice the owner,
+    encryption on (the private Synapse sends what it needs)."""
     return Config(
         homeserver=HomeserverConfig(address=hs_url, domain=SERVER_NAME),
         appservice=AppserviceConfig(address=f"http://127.0.0.1:{as_port}", port=as_port),
@@ -39,6 +42,7 @@ def stack_config(workdir: Path, hs_url: str, as_port: int) -> Config:
         ),
         logging=LoggingConfig(level="WARNING"),
         metrics=MetricsConfig(port=free_port()),
+        encryption=EncryptionConfig(enabled=True, pickle_key=secrets.token_urlsafe(24)),
     )
 
 

@@ -19,6 +19,15 @@ from .process import ManagedProcess, free_port
 
 _RELAXED = {"per_second": 1000, "burst_count": 1000}
 
+#: What an appservice whose users encrypt needs from Synapse (names as in
+#: synapse/config/experimental.py): to-device events and device lists / one-time
+#: key counts in appservice transactions. MSC4190 needs no server setting, only
+#: the registration's ``io.element.msc4190``.
+ENCRYPTION_FEATURES = {
+    "msc2409_to_device_messages_enabled": True,
+    "msc3202_transaction_extensions": True,
+}
+
 
 def synapse_config(
     workdir: Path, server_name: str, port: int, registrations: list[Path], shared_secret: str
@@ -63,6 +72,7 @@ def synapse_config(
         "rc_room_creation": _RELAXED,
         "rc_delayed_event_mgmt": _RELAXED,
         "rc_reports": _RELAXED,
+        "experimental_features": dict(ENCRYPTION_FEATURES),
     }
 
 

@@ -1,20 +1,25 @@
-"""Encrypted rooms are never silent: until personas can read them, they say so.
+"""Encrypted rooms are never silent: what personas cannot read, they say so.
 
-Personas cannot decrypt ``m.room.encrypted`` events yet. Rather than ignore
-one, the persona it is addressed to posts a notice saying it cannot read
-encrypted messages and what the room's members can do. Addressed means: any
-encrypted message in a direct chat with the persona (two members), or, in a
-group, a reply to the persona or a message in a thread on one of its messages
-(the relation stays unencrypted). A persona, or the bot, that joins a room
-whose state has ``m.room.encryption`` says so as it joins.
+With encryption off (``encryption.enabled: false``) personas cannot decrypt
+``m.room.encrypted`` events. Rather than ignore one, the persona it is
+addressed to posts a notice saying it cannot read encrypted messages and what
+the room's members can do. Addressed means: any encrypted message in a direct
+chat with the persona (two members), or, in a group, a reply to the persona or
+a message in a thread on one of its messages (the relation stays unencrypted).
+A persona, or the bot, that joins a room whose state has ``m.room.encryption``
+says so as it joins.
 
 Each of our users says it once per room. That fact is kept as room account
 data of the user on the homeserver (:data:`NOTICE_KEY`), so a restart does
 not repeat it and nothing of it lives in the bridge's database.
 
 The handler reaches this module through two callbacks only
-(``RoomEventHandler(on_encrypted=…)``, ``MembershipHandler(on_joined=…)``):
-once the bridge can decrypt, the composition root stops wiring them.
+(``RoomEventHandler(on_encrypted=…)``, ``MembershipHandler(on_joined=…)``).
+
+With encryption on, intake decrypts what it can and routes it as any message;
+only an event whose room key never came (or was withheld) reaches
+:class:`UnreadableMessages`, and the persona it was for says, encrypted, that it
+could not read it: never a plain-text reply in an encrypted room.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from mautrix.types import Event, EventType
 from .. import metrics
 from ..db.messages import MessageStore
 from ..db.personas import Persona
+from ..matrix.crypto import Encryption
 from ..matrix.members import RoomMembers
 from ..matrix.sender import Sender, stable_txn_id
 from ..personas.directory import PersonaDirectory
@@ -52,6 +58,72 @@ BOT_TEXT = (
     "🔒 I can't read encrypted messages yet, so commands sent in this room go unanswered. "
     f"Send them from a room with encryption turned off and invite me there ({_AFTER})."
 )
+
+
+UNREAD_TEXT = (
+    "🔒 I couldn't read a message from {sender}: its key never reached my device{why}. "
+    "If your app only shares keys with verified sessions, verify me (or allow "
+    "unverified sessions) and send it again."
+)
+#: What a withheld code means, in the notice.
+WITHHELD_WHY = {
+    "m.unverified": " (your app withheld it: my session is not verified)",
+    "m.blacklisted": " (your app withheld it: my session is blocked)",
+    "m.unauthorised": " (the sender's app did not allow it)",
+    "m.unavailable": " (the sender's app no longer has it)",
+    "m.no_olm": " (no secure channel to my device could be set up)",
+}
+
+
+class UnreadableMessages:
+    """An encrypted message none of our users could decrypt in time: one notice per
+    sender session, in the room, from the persona it was for (encrypted, as the room)."""
+
+    def __init__(
+        self,
+        encryption: Encryption,
+        personas: PersonaDirectory,
+        members: RoomMembers,
+        messages: MessageStore,
+        sender: Sender,
+    ) -> None:
+        self.encryption = encryption
+        self.personas = personas
+        self.members = members
+        self.messages = messages
+        self.sender = sender
+        self._told: set[tuple[str, str, str]] = set()  # (room, sender, megolm session)
+
+    async def on_encrypted(self, room_id: str, event: Event) -> None:
+        sender = str(event.sender)
+        if self.personas.is_ours(sender):
+            return
+        content = _content(event)
+        session = str(content.get("session_id") or "")
+        key = (room_id, sender, session)
+        if key in self._told:
+            return
+        members = await self.members.joined(room_id)
+        persona = await _addressed(self.personas, self.messages, event, members)
+        if persona is None:
+            here = sorted(p.name for m in members if (p := self.personas.get(m)) is not None)
+            persona = (
+                self.personas.get(self.personas.config.persona_mxid(here[0])) if here else None
+            )
+        if persona is None:
+            return
+        self._told.add(key)
+        metrics.ENCRYPTED_UNANSWERED.inc()
+        code = self.encryption.withheld.get(session, "")
+        why = WITHHELD_WHY.get(code, f" ({code})" if code else "")
+        log.info("%s could not decrypt %s from %s%s", persona.name, event.event_id, sender, why,
+                 extra={"room_id": room_id})  # fmt: skip
+        text = UNREAD_TEXT.format(sender=sender, why=why)
+        txn_id = stable_txn_id(str(event.event_id), "unreadable")
+        await self.sender.send_text(
+            self.personas.intent(persona), room_id, text, txn_id=txn_id, notice=True
+        )
+        metrics.ENCRYPTED_NOTICES.labels("unreadable").inc()
 
 
 class EncryptedRoomNotices:
@@ -77,7 +149,7 @@ class EncryptedRoomNotices:
         if self.personas.is_ours(str(event.sender)):
             return
         members = await self.members.joined(room_id)
-        persona = await self._addressed(event, members)
+        persona = await _addressed(self.personas, self.messages, event, members)
         if persona is None:
             return
         metrics.ENCRYPTED_UNANSWERED.inc()
@@ -101,29 +173,6 @@ class EncryptedRoomNotices:
         except MNotFound:
             return  # not encrypted
         await self._say(room_id, intent, text, stable_txn_id(room_id, mxid, "encrypted"), "join")
-
-    async def _addressed(self, event: Event, members: list[str]) -> Persona | None:
-        """The persona an encrypted event speaks to, from what is not encrypted."""
-        here = [p for m in members if (p := self.personas.get(m)) is not None]
-        if not here:
-            return None
-        if len(members) == 2:
-            return here[0]  # a direct chat: every message is for the persona
-        relates = _content(event).get("m.relates_to")
-        if not isinstance(relates, dict):
-            return None
-        reply = relates.get("m.in_reply_to")
-        targets = [reply.get("event_id") if isinstance(reply, dict) else None]
-        if relates.get("rel_type") == "m.thread":
-            targets.append(relates.get("event_id"))
-        for target in targets:
-            if not isinstance(target, str):
-                continue
-            replied = await self.messages.get(target)
-            persona = self.personas.get(replied.sender) if replied is not None else None
-            if persona is not None and persona in here:
-                return persona
-        return None
 
     async def _say(
         self, room_id: str, intent: IntentAPI, text: str, txn_id: str, trigger: str
@@ -150,6 +199,32 @@ class EncryptedRoomNotices:
         except MNotFound:
             return False
         return bool(data)
+
+
+async def _addressed(
+    personas: PersonaDirectory, messages: MessageStore, event: Event, members: list[str]
+) -> Persona | None:
+    """The persona an encrypted event speaks to, from what is not encrypted."""
+    here = [p for m in members if (p := personas.get(m)) is not None]
+    if not here:
+        return None
+    if len(members) == 2:
+        return here[0]  # a direct chat: every message is for the persona
+    relates = _content(event).get("m.relates_to")
+    if not isinstance(relates, dict):
+        return None
+    reply = relates.get("m.in_reply_to")
+    targets = [reply.get("event_id") if isinstance(reply, dict) else None]
+    if relates.get("rel_type") == "m.thread":
+        targets.append(relates.get("event_id"))
+    for target in targets:
+        if not isinstance(target, str):
+            continue
+        replied = await messages.get(target)
+        persona = personas.get(replied.sender) if replied is not None else None
+        if persona is not None and persona in here:
+            return persona
+    return None
 
 
 def _content(event: Event) -> dict[str, Any]:

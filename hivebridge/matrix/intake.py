@@ -9,6 +9,8 @@ answers 500 so that Synapse retries instead of dropping the events.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -19,7 +21,7 @@ from typing import Any, cast
 
 from aiohttp import web
 from mautrix.appservice import AppService
-from mautrix.types import Event, EventType
+from mautrix.types import DeviceLists, Event, EventType, Membership
 from mautrix.util.async_db.connection import LoggingConnection
 
 from .. import metrics
@@ -29,6 +31,7 @@ from ..db.resilience import is_connection_lost
 from ..db.summaries import SummaryStore
 from ..db.txns import TxnStore
 from .content import edit_of, edited_content, redacted_id, stored_from_event, without_quote
+from .crypto import Encryption, Undecryptable
 
 log = logging.getLogger("hivebridge.intake")
 
@@ -41,15 +44,25 @@ EventSink = Callable[[Event, "StoredMessage | None"], Awaitable[None] | None]
 """Receives each event in order, with its stored row when it is a message to route."""
 
 
-def transaction_key(txn_id: str, events: list[Any]) -> str:
+def transaction_key(txn_id: str, events: list[Any], extra: Any = None) -> str:
     """The transaction id plus a digest of what it carries.
 
     Synapse on SQLite numbers appservice transactions anew after it restarts,
     so an id alone can name a different transaction than the one we processed;
     a retry of the same transaction carries the same events and the same key.
+    ``extra``: what else it carries (to-device events, device lists), which has no
+    event ids: a transaction of room keys only must not pass for an old one.
     """
     ids = "\x1f".join(str(e.get("event_id", "")) if isinstance(e, dict) else "?" for e in events)
+    if extra:
+        ids += "\x1e" + json.dumps(extra, sort_keys=True, default=str)
     return f"{txn_id}:{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
+
+
+def _field(data: dict[str, Any], name: str, unstable: str) -> Any:
+    """A transaction field by its stable name or its unstable (MSC) one."""
+    value = data.get(name)
+    return value if value is not None else data.get(f"{unstable}.{name}")
 
 
 class Intake(AppService):
@@ -62,9 +75,14 @@ class Intake(AppService):
         txns: TxnStore,
         is_own_user: Callable[[str], bool] = lambda _: True,
         summaries: SummaryStore | None = None,
+        encryption: Encryption | None = None,
+        key_wait_s: float = 30.0,
         **kwargs: Any,
     ) -> None:
-        """``summaries``: chapter summaries a redaction must drop (None: none kept)."""
+        """``summaries``: chapter summaries a redaction must drop (None: none kept).
+        ``encryption``: decrypt encrypted room events and take in the keys that
+        transactions bring; an event whose key has not come waits up to ``key_wait_s``
+        for it, then goes to the sink still encrypted (unreadable)."""
         super().__init__(**kwargs)
         self.runner = None  # mautrix only sets it in start(); stop() must work before that
         self._is_own = is_own_user
@@ -77,6 +95,9 @@ class Intake(AppService):
         self._unsettled: dict[str, None] = {}
         # mautrix keeps every id ever seen in a set; the database is the real record.
         self.transactions = RecentSet(MAX_SEEN_TRANSACTIONS)  # type: ignore[assignment]
+        self.encryption = encryption
+        self.key_wait_s = key_wait_s
+        self._waiting: set[asyncio.Task[None]] = set()
         # The state store learns membership from the events we pass it ourselves,
         # in order, before routing; not as a racing background handler.
         self.event_handlers.clear()
@@ -98,6 +119,12 @@ class Intake(AppService):
     async def stop(self) -> None:
         """Stop listening (if still) and close the homeserver client; safe before start."""
         await self.stop_listening()
+        waiting, self._waiting = self._waiting, set()
+        for task in waiting:
+            task.cancel()
+        for task in waiting:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await super().stop()
 
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
@@ -121,12 +148,22 @@ class Intake(AppService):
             return web.json_response(
                 {"errcode": "M_BAD_JSON", "error": "Missing events array"}, status=400
             )
-        txn_id = transaction_key(request.match_info["transaction_id"], events)
+        to_device = _field(data, "to_device", "de.sorunome.msc2409") or []
+        device_lists = _field(data, "device_lists", "org.matrix.msc3202")
+        otk_counts = _field(data, "device_one_time_keys_count", "org.matrix.msc3202") or {}
+        extra = [to_device, device_lists] if to_device or device_lists else None
+        txn_id = transaction_key(request.match_info["transaction_id"], events, extra)
         if txn_id in self.transactions:
             outcomes.labels("duplicate").inc()
             return web.json_response({})
         try:
-            fresh = await self.process_transaction(txn_id, events)
+            fresh = await self.process_transaction(
+                txn_id,
+                events,
+                to_device=to_device if isinstance(to_device, list) else [],
+                device_lists=device_lists if isinstance(device_lists, dict) else None,
+                otk_counts=otk_counts if isinstance(otk_counts, dict) else {},
+            )
         except Exception as e:
             self._unsettle(txn_id)
             if is_connection_lost(e):
@@ -176,14 +213,34 @@ class Intake(AppService):
         while len(self._unsettled) > MAX_UNSETTLED:
             del self._unsettled[next(iter(self._unsettled))]
 
-    async def process_transaction(self, txn_id: str, events: list[Any]) -> bool:
+    async def process_transaction(
+        self,
+        txn_id: str,
+        events: list[Any],
+        *,
+        to_device: list[Any] | None = None,
+        device_lists: dict[str, Any] | None = None,
+        otk_counts: dict[str, Any] | None = None,
+    ) -> bool:
         """Store and deliver a transaction; False when it was processed before (a retry).
 
         Nothing is delivered before the commit, and an exception leaves here only
         before delivery; so a transaction that failed but committed all the same
         (its connection died with the COMMIT's answer) has delivered nothing, and
         its retry delivers the messages still unhandled instead of dropping them.
+
+        With encryption, the keys the transaction brings are taken in first, then
+        its encrypted events are decrypted and stored like any message; one whose
+        key is still missing waits for it (:meth:`_read_later`).
         """
+        unread: list[dict[str, Any]] = []
+        if self.encryption is not None:
+            await self.encryption.take_transaction(
+                to_device or [],
+                DeviceLists.deserialize(cast(Any, device_lists)) if device_lists else None,
+                otk_counts or {},
+            )
+            events = [await self._open(raw, unread) for raw in events]
         now = int(time.time() * 1000)
         rows = [
             r
@@ -206,11 +263,83 @@ class Intake(AppService):
         # The transaction is committed: from here on one bad event must not fail it
         # (a 500 would make the homeserver retry a transaction we already took).
         for raw in events:
+            if any(raw is u for u in unread):
+                self._wait_for_key(raw)
+                continue
             try:
                 await self._deliver(raw, fresh)
             except Exception as e:
                 log.warning("skipping an event that could not be handled: %s", type(e).__name__)
         return True
+
+    # Encrypted events ------------------------------------------------------------------
+
+    async def _open(self, raw: Any, unread: list[dict[str, Any]]) -> Any:
+        """The plain event of an encrypted one we can read now; else ``raw`` itself (an
+        encrypted event without its key is added to ``unread``)."""
+        if not isinstance(raw, dict) or raw.get("type") != "m.room.encrypted":
+            return raw
+        if "state_key" in raw or not isinstance(raw.get("room_id"), str):
+            return raw
+        try:
+            return await self._decrypt(raw)
+        except Undecryptable as e:
+            log.debug("cannot decrypt %s yet: %s", raw.get("event_id"), e.reason)
+            unread.append(raw)
+            return raw
+        except Exception as e:  # a malformed event must not fail the transaction
+            log.warning("cannot decrypt %s: %s: %s", raw.get("event_id"), type(e).__name__, e)
+            return raw
+
+    async def _decrypt(self, raw: dict[str, Any]) -> dict[str, Any]:
+        assert self.encryption is not None
+        room_id = str(raw["room_id"])
+        members = await self.state_store.get_members(
+            room_id,  # type: ignore[arg-type]
+            memberships=(Membership.JOIN,),
+        )
+        readers = [str(m) for m in members if self._is_own(str(m))]
+        return await self.encryption.decrypt(raw, readers)
+
+    def _wait_for_key(self, raw: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._read_later(raw))
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
+    async def _read_later(self, raw: dict[str, Any]) -> None:
+        """An encrypted event whose room key had not come: decrypt it when keys arrive,
+        store and route it then; after ``key_wait_s`` (at once when the sender withheld
+        the key) hand it to the sink still encrypted: the handler says it went unread."""
+        assert self.encryption is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.key_wait_s
+        reason = "no room key"
+        try:
+            while True:
+                try:
+                    plain = await self._decrypt(raw)
+                except Undecryptable as e:
+                    reason = e.reason
+                    if e.session_id in self.encryption.withheld:
+                        break  # the sender said it will not send the key: no use waiting
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    await self.encryption.wait_for_keys(left)
+                    continue
+                row = stored_from_event(plain, received_ms=int(time.time() * 1000))
+                fresh: dict[str, StoredMessage] = {}
+                if row is not None and await self.messages.insert(row):
+                    fresh[row.event_id] = row
+                log.info("decrypted %s after its key arrived", raw.get("event_id"))
+                await self._deliver(plain, fresh)
+                return
+            log.info("could not decrypt %s: %s", raw.get("event_id"), reason)
+            await self._deliver(raw, {})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("encrypted event %s not handled: %s", raw.get("event_id"), e)
 
     async def _unrouted(self, rows: list[StoredMessage]) -> dict[str, StoredMessage]:
         """The stored, not yet handled messages of a transaction that committed unseen."""
@@ -303,6 +432,10 @@ class Intake(AppService):
         if getattr(event, "state_key", None) is not None:
             event.type = event.type.with_class(EventType.Class.STATE)
             await self.state_store.update_state(event)
+            if self.encryption is not None:
+                self.encryption.on_state(event)
+                if event.type == EventType.ROOM_MEMBER:
+                    await self.encryption.on_member(event)
         else:
             event.type = event.type.with_class(EventType.Class.MESSAGE)
         if self._sink is None:

@@ -23,6 +23,7 @@ from mautrix.types import EventType, MessageType, PaginationDirection, TextMessa
 from .. import metrics
 from ..db.messages import MessageStore
 from .content import ANSWERS_KEY, MAX_CONTENT_BYTES, content_bytes, stored_from_event
+from .crypto import Encryption
 
 log = logging.getLogger("hivebridge.sender")
 
@@ -142,10 +143,37 @@ def stable_txn_id(*parts: str) -> str:
 
 
 class Sender:
-    def __init__(self, messages: MessageStore, *, retry_for_s: float = SEND_RETRY_FOR_S) -> None:
+    def __init__(
+        self,
+        messages: MessageStore,
+        *,
+        retry_for_s: float = SEND_RETRY_FOR_S,
+        encryption: Encryption | None = None,
+    ) -> None:
+        """``encryption``: messages into encrypted rooms go out encrypted by the sending
+        user's device (and not at all when that fails)."""
         self.messages = messages
         #: How long one send keeps retrying while the homeserver is unreachable.
         self.retry_for_s = retry_for_s
+        self.encryption = encryption
+
+    async def _seal(
+        self, intent: IntentAPI, room_id: str, content: TextMessageEventContent
+    ) -> tuple[EventType, Any]:
+        """What goes on the wire: the message itself, or, in an encrypted room with
+        encryption on, its Megolm ciphertext (encrypted once: retries resend the same)."""
+        enc = self.encryption
+        mxid = str(intent.mxid)
+        if enc is None or not await with_retries(
+            lambda: enc.is_encrypted(room_id, mxid), retry_for_s=self.retry_for_s, what="room state"
+        ):
+            return EventType.ROOM_MESSAGE, content
+        encrypted = await with_retries(
+            lambda: enc.encrypt(mxid, room_id, EventType.ROOM_MESSAGE, content),
+            retry_for_s=self.retry_for_s,
+            what="encrypt",
+        )
+        return EventType.ROOM_ENCRYPTED, encrypted
 
     async def typing(self, intent: IntentAPI, room_id: str, on: bool) -> None:
         try:
@@ -177,12 +205,13 @@ class Sender:
             return content
 
         content = fitted(build, text, html)
+        event_type, payload = await self._seal(intent, room_id, content)
         event_id = await with_retries(
             lambda: counted(
                 intent.send_message_event(
                     room_id,  # type: ignore[arg-type]
-                    EventType.ROOM_MESSAGE,
-                    content,
+                    event_type,
+                    payload,
                     txn_id=txn_id,
                 )
             ),
@@ -230,12 +259,13 @@ class Sender:
             return content
 
         content = fitted(build, text, html)
+        event_type, payload = await self._seal(intent, room_id, content)
         edit_id = await with_retries(
             lambda: counted(
                 intent.send_message_event(
                     room_id,  # type: ignore[arg-type]
-                    EventType.ROOM_MESSAGE,
-                    content,
+                    event_type,
+                    payload,
                     txn_id=txn_id,
                 )
             ),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from ..db.personas import Persona
 from .directory import PersonaDirectory
@@ -26,8 +27,16 @@ class SpawnError(Exception):
 class PersonaLifecycle:
     """Spawn and despawn: registration through the appservice, rooms, the store."""
 
-    def __init__(self, directory: PersonaDirectory) -> None:
+    def __init__(
+        self,
+        directory: PersonaDirectory,
+        *,
+        device: Callable[[str], Awaitable[object]] | None = None,
+    ) -> None:
+        """``device(mxid)``: give a new persona its encryption device before it joins a
+        room, so members' clients share their room keys with it from the start."""
         self.directory = directory
+        self.device = device
 
     async def spawn(
         self,
@@ -62,6 +71,9 @@ class PersonaLifecycle:
             await intent.ensure_registered()
             step = "profile"
             await intent.set_displayname(persona.displayname)
+            if self.device is not None:
+                step = "device"
+                await self.device(persona.mxid)
             if room_id is None and dm_with is not None:
                 step = "create room"
                 room_id = str(

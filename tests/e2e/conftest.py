@@ -8,12 +8,14 @@ import itertools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hivebridge.app import Bridge
 from hivebridge.config import Config, PermissionsConfig
 from hivebridge.devserver.client import HumanClient, register_user
+from hivebridge.devserver.encrypting_client import EncryptingHuman
 from hivebridge.devserver.stack import DevStack
 from hivebridge.devserver.synapse import PrivateSynapse
 from tests.conftest import skip_or_fail
@@ -48,6 +50,12 @@ class Homeserver:
         """A freshly registered user (unique name per call)."""
         return await HumanClient.create(
             self.synapse.url, self.synapse.shared_secret, f"{name}{next(_users)}"
+        )
+
+    async def encrypting_human(self, name: str = "human", **kwargs: Any) -> EncryptingHuman:
+        """A freshly registered user with an encrypting device (see EncryptingHuman)."""
+        return await EncryptingHuman.create(
+            self.synapse.url, self.synapse.shared_secret, f"{name}{next(_users)}", **kwargs
         )
 
 
