@@ -1,6 +1,7 @@
-"""Encrypted rooms are never silent, through a real Synapse.
+"""Encrypted rooms are never silent with encryption off, through a real Synapse.
 
-Personas cannot read ``m.room.encrypted`` events yet. A persona invited into a
+With ``encryption.enabled: false`` personas cannot read ``m.room.encrypted``
+events (tests/e2e/test_encryption.py has them on). A persona invited into a
 room whose state has ``m.room.encryption`` says so as it joins (the bot too);
 one addressed by an encrypted event (any in a direct chat, a reply to it in a
 group) says so once per room, and again never, not even after a restart. The
@@ -11,6 +12,9 @@ bridge cannot tell the difference, since it cannot decrypt either.
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +35,23 @@ from tests.e2e.bridge_process import room_history
 from tests.e2e.conftest import Homeserver
 
 pytestmark = [pytest.mark.synapse, pytest.mark.model, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+async def bridge(homeserver: Homeserver, tmp_path: Path) -> AsyncIterator[Bridge]:
+    """The bridge with encryption off (the dev stack turns it on)."""
+    base = homeserver.config
+    config = replace(
+        base,
+        data_dir=str(tmp_path / "bridge"),
+        encryption=replace(base.encryption, enabled=False),
+    )
+    running = Bridge(config, homeserver.registration)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 def ciphertext(**relates: Any) -> dict[str, Any]:
