@@ -139,3 +139,16 @@ endpoints:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, bad), env={})
     assert err.value.key == "endpoints[1].affinity.kind"
+
+
+def test_encryption_needs_a_pickle_key_from_file_or_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "encryption:\n  enabled: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={})
+    assert e.value.key == "encryption.pickle_key"
+    with pytest.raises(ConfigError):
+        load_config(path, env={"HIVEBRIDGE_PICKLE_KEY": "short"})
+    config = load_config(path, env={"HIVEBRIDGE_PICKLE_KEY": "a-long-enough-pickle-key"})
+    assert config.encryption.enabled and config.encryption.pickle_key
+    # The key never shows in a printed config.
+    assert "a-long-enough-pickle-key" not in repr(config)

@@ -63,3 +63,20 @@ def test_cli_generates_registration_that_the_bridge_reads(tmp_path: Path) -> Non
     assert data["url"] == "http://127.0.0.1:29333"
     assert (reg.stat().st_mode & 0o077) == 0  # tokens are not world-readable
     assert load_tokens(config(), reg) == (data["as_token"], data["hs_token"])
+
+
+def test_registration_asks_for_encryption_extensions_only_when_encryption_is_on() -> None:
+    from dataclasses import replace
+
+    from hivebridge.config import EncryptionConfig
+
+    plain = make_registration(config())
+    assert "org.matrix.msc3202" not in plain and "io.element.msc4190" not in plain
+    on = replace(config(), encryption=EncryptionConfig(enabled=True, pickle_key="k" * 24))
+    registration = make_registration(on)
+    # MSC3202: device lists and one-time key counts; MSC4190: devices made by us.
+    assert registration["org.matrix.msc3202"] is True
+    assert registration["io.element.msc4190"] is True
+    # To-device events come with ephemeral ones; the unstable key would double them.
+    assert registration["receive_ephemeral"] is True
+    assert "de.sorunome.msc2409.push_ephemeral" not in registration
