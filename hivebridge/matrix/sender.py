@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,14 @@ from .content import ANSWERS_KEY, MAX_CONTENT_BYTES, content_bytes, stored_from_
 from .crypto import Encryption
 
 log = logging.getLogger("hivebridge.sender")
+
+
+
+def encrypted_bytes(content: dict[str, Any]) -> int:
+    """About how big ``content`` is once Megolm-encrypted: base64 (4/3) of the plain
+    event as mautrix writes it (ASCII-escaped JSON: "ü" takes six bytes), plus the
+    room id, type, MAC and the envelope's keys."""
+    return len(json.dumps(content)) * 4 // 3 + 1_500
 
 #: Sends that fail on the way (connection refused, timeout, 5xx, 429) are retried
 #: with exponential backoff from this first pause, up to SEND_RETRY_MAX_DELAY_S ...
@@ -108,19 +117,23 @@ async def with_retries(
 
 
 def fitted(
-    build: Callable[[str, str | None], TextMessageEventContent], text: str, html: str | None
+    build: Callable[[str, str | None], TextMessageEventContent],
+    text: str,
+    html: str | None,
+    size: Callable[[dict[str, Any]], int] = content_bytes,
 ) -> TextMessageEventContent:
-    """The content ``build`` makes, kept under :data:`MAX_CONTENT_BYTES`.
+    """The content ``build`` makes, kept under :data:`MAX_CONTENT_BYTES` as ``size``
+    measures it (:func:`encrypted_bytes` for what goes out encrypted).
 
     Callers split long replies beforehand; this is the last guard: HTML goes
     first, then the text is shortened, so an oversized event never reaches the
     homeserver (which would refuse it and fail the whole reply).
     """
     content = build(text, html)
-    if content_bytes(content.serialize()) <= MAX_CONTENT_BYTES:
+    if size(content.serialize()) <= MAX_CONTENT_BYTES:
         return content
     content = build(text, None)
-    while content_bytes(content.serialize()) > MAX_CONTENT_BYTES and len(text) > 1:
+    while size(content.serialize()) > MAX_CONTENT_BYTES and len(text) > 1:
         text = text[: len(text) * 3 // 4]
         content = build(text + " …", None)
     log.warning("a message over %d bytes was shortened to fit one event", MAX_CONTENT_BYTES)
@@ -157,23 +170,31 @@ class Sender:
         self.retry_for_s = retry_for_s
         self.encryption = encryption
 
+    async def _encrypted(self, intent: IntentAPI, room_id: str) -> bool:
+        """Whether what ``intent`` sends to ``room_id`` goes out encrypted."""
+        enc = self.encryption
+        if enc is None:
+            return False
+        mxid = str(intent.mxid)
+        return await with_retries(
+            lambda: enc.is_encrypted(room_id, mxid), retry_for_s=self.retry_for_s, what="room state"
+        )
+
     async def _seal(
-        self, intent: IntentAPI, room_id: str, content: TextMessageEventContent
+        self, intent: IntentAPI, room_id: str, content: TextMessageEventContent, encrypted: bool
     ) -> tuple[EventType, Any]:
         """What goes on the wire: the message itself, or, in an encrypted room with
         encryption on, its Megolm ciphertext (encrypted once: retries resend the same)."""
         enc = self.encryption
-        mxid = str(intent.mxid)
-        if enc is None or not await with_retries(
-            lambda: enc.is_encrypted(room_id, mxid), retry_for_s=self.retry_for_s, what="room state"
-        ):
+        if enc is None or not encrypted:
             return EventType.ROOM_MESSAGE, content
-        encrypted = await with_retries(
+        mxid = str(intent.mxid)
+        ciphertext = await with_retries(
             lambda: enc.encrypt(mxid, room_id, EventType.ROOM_MESSAGE, content),
             retry_for_s=self.retry_for_s,
             what="encrypt",
         )
-        return EventType.ROOM_ENCRYPTED, encrypted
+        return EventType.ROOM_ENCRYPTED, ciphertext
 
     async def typing(self, intent: IntentAPI, room_id: str, on: bool) -> None:
         try:
@@ -204,8 +225,9 @@ class Sender:
                 content[key] = value
             return content
 
-        content = fitted(build, text, html)
-        event_type, payload = await self._seal(intent, room_id, content)
+        encrypted = await self._encrypted(intent, room_id)
+        content = fitted(build, text, html, encrypted_bytes if encrypted else content_bytes)
+        event_type, payload = await self._seal(intent, room_id, content, encrypted)
         event_id = await with_retries(
             lambda: counted(
                 intent.send_message_event(
@@ -258,8 +280,9 @@ class Sender:
             content.set_edit(event_id)  # type: ignore[arg-type]
             return content
 
-        content = fitted(build, text, html)
-        event_type, payload = await self._seal(intent, room_id, content)
+        encrypted = await self._encrypted(intent, room_id)
+        content = fitted(build, text, html, encrypted_bytes if encrypted else content_bytes)
+        event_type, payload = await self._seal(intent, room_id, content, encrypted)
         edit_id = await with_retries(
             lambda: counted(
                 intent.send_message_event(

@@ -33,3 +33,22 @@ def test_an_oversized_edit_loses_html_then_text_until_it_fits() -> None:
     worst = "\x01" * 20_000  # six bytes each in JSON
     data = fitted(build_edit, worst, None).serialize()
     assert content_bytes(data) <= MAX_CONTENT_BYTES and data["body"].endswith(" …")
+
+
+def test_content_fitted_for_an_encrypted_room_still_fits_once_encrypted() -> None:
+    """Megolm's ciphertext is base64 of the whole plain event: a third bigger."""
+    import json
+
+    import olm
+
+    from hivebridge.matrix.sender import encrypted_bytes
+
+    text = "ü😀" * 50_000  # escaped to six and twelve bytes in the JSON that is encrypted
+    content = fitted(build_edit, text, None, encrypted_bytes)
+    assert len(content.body) > 1000
+    plain = {"room_id": "!" + "r" * 40 + ":example.org", "type": "m.room.message",
+             "content": content.serialize()}  # fmt: skip
+    ciphertext = olm.OutboundGroupSession().encrypt(json.dumps(plain))
+    envelope = {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": ciphertext,
+                "sender_key": "k" * 43, "session_id": "s" * 43, "device_id": "D" * 12}  # fmt: skip
+    assert len(json.dumps(envelope)) <= MAX_CONTENT_BYTES
