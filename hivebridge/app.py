@@ -40,6 +40,7 @@ from .commands.stats import StatsCommands
 from .commands.tools import ToolCommands
 from .commands.trust import TrustCommands
 from .config import Config, ConfigError
+from .conversation.persona import persona_system_prompt
 from .db import open_database
 from .db.catalogue import CatalogueStore
 from .db.endpoints import EndpointStore
@@ -57,6 +58,8 @@ from .handler.handled import HandledMarks
 from .handler.membership import MembershipHandler
 from .handler.messages import MessageHandler
 from .handler.room_events import RoomEventHandler
+from .inference.api import ApiModels, ApiServer, ApiSettings, ApiToken, PersonaModel
+from .inference.api.server import ApiHooks
 from .inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
 from .inference.endpoints import RouterConfig
 from .inference.hooks import InferenceHooks
@@ -184,6 +187,26 @@ def session_salt(config: Config) -> bytes:
     with os.fdopen(fd, "wb") as fh:
         fh.write(salt)
     return salt
+
+
+def api_personas(p: Parts) -> Callable[[], dict[str, PersonaModel]]:
+    """Personas as the API serves them: the system prompt their replies start with (so
+    the engine's pinned prefix is shared) and the local model they run on, if local."""
+
+    def personas() -> dict[str, PersonaModel]:
+        found = {}
+        for persona in p.personas.all():
+            ref = persona.model or p.inference.default_model or p.default_model
+            name = p.catalogue.resolve(ref) or ref
+            found[persona.name] = PersonaModel(
+                persona.name,
+                persona_system_prompt(persona.system_prompt, persona.traits),
+                name if p.models.file(name) is not None else None,
+                persona.profile,
+            )
+        return found
+
+    return personas
 
 
 def model_hooks() -> ModelHooks:
@@ -562,6 +585,7 @@ class Bridge:
                 [config.bot_mxid, *(persona.mxid for persona in p.personas.all())]
             )
         await self._start_web(p, stack)
+        await self._start_api(p, stack)
         p.intake.ready = True
         await self._ping_homeserver(p)
         log.info(
@@ -598,6 +622,34 @@ class Bridge:
             stack.push_async_callback(admin_web.stop)
         models = p.models
         stack.callback(metrics.watch_engines(lambda: engine_loads(models.engines())))
+
+    async def _start_api(self, p: Parts, stack: AsyncExitStack) -> None:
+        """The OpenAI-compatible API on the local engines, when enabled (docs/scale-out.md)."""
+        cfg = self.config.api
+        if not cfg.enabled:
+            return
+        tokens = []
+        for t in cfg.tokens:
+            secret = t.resolved()
+            if not secret:
+                log.warning("api token %s has no secret (is %s set?); skipped", t.name, t.token_env)
+                continue
+            tokens.append(
+                ApiToken(t.name, secret, t.requests_per_minute, t.max_concurrent, t.tokens_per_day)
+            )
+        settings = ApiSettings(
+            hostname=cfg.hostname,
+            port=cfg.port,
+            priority=cfg.priority,
+            session_header=cfg.session_header,
+            max_tokens_limit=cfg.max_tokens_limit,
+            default_max_tokens=self.config.inference.max_tokens,
+        )
+        personas = api_personas(p) if cfg.personas else None
+        hooks = ApiHooks(request=metrics.count_api_request, tokens=metrics.count_api_tokens)
+        server = ApiServer(ApiModels(p.models, personas), tokens, settings, hooks=hooks)
+        await server.start()
+        stack.push_async_callback(server.stop)
 
     async def unfinished(self) -> list[StoredMessage]:
         """What a crash left undone: unhandled messages and messages with pending

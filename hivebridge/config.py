@@ -640,6 +640,75 @@ class AdminApiConfig:
 
 
 @dataclass(frozen=True)
+class ApiTokenConfig:
+    """One client of the OpenAI-compatible API: a name (usage is counted per name), its
+    bearer token, and its limits (0: none)."""
+
+    name: str
+    token: str | None = field(default=None, repr=False)
+    #: Name of an environment variable holding the token (wins over token).
+    token_env: str | None = None
+    requests_per_minute: float = 0.0
+    #: Requests of this token running at once.
+    max_concurrent: int = 8
+    #: Prompt + completion tokens per UTC day.
+    tokens_per_day: int = 0
+
+    def resolved(self, env: typing.Mapping[str, str] | None = None) -> str | None:
+        env = os.environ if env is None else env
+        if self.token_env and env.get(self.token_env):
+            return env[self.token_env]
+        return self.token
+
+    def validate(self, where: str) -> None:
+        if not _ENDPOINT_NAME_RE.match(self.name):
+            raise ConfigError(f"{where}.name", "use 1-32 of a-z 0-9 _ . - (starting a-z 0-9)")
+        if self.token_env is not None and not _ENV_NAME_RE.match(self.token_env):
+            raise ConfigError(f"{where}.token_env", "not an environment variable name")
+        if self.token_env is None and (self.token is None or len(self.token) < 16):
+            raise ConfigError(f"{where}.token", "set one of at least 16 characters, or token_env")
+        if self.requests_per_minute < 0 or self.max_concurrent < 0 or self.tokens_per_day < 0:
+            raise ConfigError(where, "limits must be 0 (none) or more")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The OpenAI-compatible API on the local engine (docs/scale-out.md): /v1/models,
+    /v1/chat/completions, /v1/completions. Off unless enabled with at least one token."""
+
+    enabled: bool = False
+    hostname: str = "127.0.0.1"
+    port: int = 29336
+    tokens: tuple[ApiTokenConfig, ...] = ()
+    #: Scheduler priority of API requests; room replies run at 0, higher goes first.
+    priority: int = -1
+    #: Header naming a client's conversation (its KV sequence stays warm).
+    session_header: str = "x-session-id"
+    #: Largest max_tokens a request may ask for.
+    max_tokens_limit: int = 2048
+    #: Serve personas as models named persona:<name>.
+    personas: bool = True
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("api.port", "must be between 1 and 65535")
+        if self.enabled and not self.tokens:
+            raise ConfigError("api.tokens", "the API needs at least one token when enabled")
+        seen: set[str] = set()
+        for i, token in enumerate(self.tokens):
+            token.validate(f"api.tokens[{i}]")
+            if token.name in seen:
+                raise ConfigError(f"api.tokens[{i}].name", f"{token.name!r} is used twice")
+            seen.add(token.name)
+        if not -100 <= self.priority <= 100:
+            raise ConfigError("api.priority", "must be between -100 and 100")
+        if not re.match(r"^[A-Za-z0-9-]{1,64}$", self.session_header):
+            raise ConfigError("api.session_header", "not an HTTP header name")
+        if self.max_tokens_limit < 1:
+            raise ConfigError("api.max_tokens_limit", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Log output of the bridge process."""
 
@@ -673,6 +742,7 @@ class Config:
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Path the config was read from (not a YAML key).
     source: str | None = None

@@ -502,6 +502,33 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+API_REQUESTS = Counter(
+    "hivebridge_api_requests",
+    "Requests to the OpenAI-compatible API, by token name and HTTP status (499: client left).",
+    ["token", "status"],
+    registry=REGISTRY,
+)
+API_TOKENS = Counter(
+    "hivebridge_api_tokens",
+    "Tokens used through the OpenAI-compatible API, by token name (kind: prompt, completion).",
+    ["token", "kind"],
+    registry=REGISTRY,
+)
+API_TOKEN_LABELS = LabelLimiter(20)
+API_STATUSES = frozenset({"200", "400", "401", "404", "429", "499", "500", "503"})
+
+
+def count_api_request(token: str, status: int) -> None:
+    """One API request ended with ``status``; ``token`` is the configured token's name."""
+    API_REQUESTS.labels(API_TOKEN_LABELS(token), bounded(str(status), API_STATUSES)).inc()
+
+
+def count_api_tokens(token: str, prompt: int, completion: int) -> None:
+    label = API_TOKEN_LABELS(token)
+    API_TOKENS.labels(label, "prompt").inc(prompt)
+    API_TOKENS.labels(label, "completion").inc(completion)
+
+
 def count_endpoint_error(endpoint: str, kind: str) -> None:
     """One failed call to a remote endpoint, labelled by its name (never its URL or key)."""
     ENDPOINT_ERRORS.labels(endpoint_label(endpoint), bounded(kind, ENDPOINT_ERROR_KINDS)).inc()

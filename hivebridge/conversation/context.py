@@ -373,8 +373,7 @@ def summary_due(prompt: Prompt, *, min_dropped_turns: int = 8, min_dropped_token
 def _transcript_line(turn: Turn) -> str:
     """One line per turn; a reply's tool calls, with short results, go before it."""
     used = "".join(
-        f"[{u.call.name}({u.call.arguments_json()}) -> "
-        f"{' '.join(u.result.split())[:120]}] "
+        f"[{u.call.name}({u.call.arguments_json()}) -> {' '.join(u.result.split())[:120]}] "
         for u in turn.tools
     )
     return f"{turn.sender_name}: {used}{turn.body}"

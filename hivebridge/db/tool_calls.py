@@ -122,8 +122,7 @@ class ToolCallStore:
 
     async def for_job(self, event_id: str, persona: str) -> list[StoredToolCall]:
         rows = await self.db.fetch(
-            f"SELECT {_COLUMNS} FROM tool_calls WHERE event_id=$1 AND persona=$2 "
-            "ORDER BY hop, id",
+            f"SELECT {_COLUMNS} FROM tool_calls WHERE event_id=$1 AND persona=$2 ORDER BY hop, id",
             event_id,
             persona,
         )

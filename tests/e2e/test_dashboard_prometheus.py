@@ -243,10 +243,12 @@ async def exchange(homeserver: Homeserver, bridge: Bridge, prom: Prometheus) -> 
             await human.send_text(room, text)
             reply = await human.wait_for(
                 room,
-                lambda e: e.get("sender") == persona
-                and e.get("type") == "m.room.message"
-                and not is_edit(e)
-                and e["event_id"] not in seen,
+                lambda e: (
+                    e.get("sender") == persona
+                    and e.get("type") == "m.room.message"
+                    and not is_edit(e)
+                    and e["event_id"] not in seen
+                ),
                 timeout=120,
             )
             seen.add(reply["event_id"])

@@ -79,9 +79,11 @@ async def test_failed_replies_are_noticed_and_counted(
             await human.send_text(room, text)
             notice = await human.wait_for(
                 room,
-                lambda e: e.get("sender") == persona
-                and e.get("content", {}).get("msgtype") == "m.notice"
-                and e["event_id"] not in notices,
+                lambda e: (
+                    e.get("sender") == persona
+                    and e.get("content", {}).get("msgtype") == "m.notice"
+                    and e["event_id"] not in notices
+                ),
                 timeout=60,
             )
             notices.append(notice["event_id"])

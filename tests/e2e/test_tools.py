@@ -116,9 +116,10 @@ async def open_dm(homeserver: Homeserver, bridge: Bridge) -> tuple[HumanClient, 
 async def test_weather_through_the_local_engine(homeserver: Homeserver, tmp_path: Path) -> None:
     """The persona calls get_weather (forced first step), the room sees the intermediate
     notice, and the final reply, one event, carries the service's figures."""
-    async with fake_weather() as weather, running(
-        tool_config(homeserver, tmp_path, weather), homeserver
-    ) as bridge:
+    async with (
+        fake_weather() as weather,
+        running(tool_config(homeserver, tmp_path, weather), homeserver) as bridge,
+    ):
         owner, room, persona = await open_dm(homeserver, bridge)
         name = bridge.config.default_persona.name
         try:
@@ -171,9 +172,10 @@ async def test_a_persona_without_the_tool_never_calls_it(
     homeserver: Homeserver, tmp_path: Path
 ) -> None:
     """With only current_time (and a forced call), the weather service is never asked."""
-    async with fake_weather() as weather, running(
-        tool_config(homeserver, tmp_path, weather), homeserver
-    ) as bridge:
+    async with (
+        fake_weather() as weather,
+        running(tool_config(homeserver, tmp_path, weather), homeserver) as bridge,
+    ):
         owner, room, persona = await open_dm(homeserver, bridge)
         name = bridge.config.default_persona.name
         try:
@@ -212,10 +214,13 @@ class ForeverCalling:
 async def test_the_hop_limit_stops_a_model_that_calls_tools_forever(
     homeserver: Homeserver, tmp_path: Path
 ) -> None:
-    async with fake_weather() as weather, running(
-        tool_config(homeserver, tmp_path, weather, max_hops=2, default=("roll_dice",)),
-        homeserver,
-    ) as bridge:
+    async with (
+        fake_weather() as weather,
+        running(
+            tool_config(homeserver, tmp_path, weather, max_hops=2, default=("roll_dice",)),
+            homeserver,
+        ) as bridge,
+    ):
         forever = ForeverCalling(bridge.parts.models.backend(bridge.parts.default_model))
         bridge.parts.replies.backend_for = lambda persona: forever
         owner, room, persona = await open_dm(homeserver, bridge)
@@ -289,9 +294,12 @@ async def test_a_tool_with_side_effects_waits_for_a_trusted_approval(
         side_effects=True,
         notice=lambda a: "ringing the bell",
     )
-    async with fake_weather() as weather, running(
-        tool_config(homeserver, tmp_path, weather, approval_timeout_s=60.0), homeserver
-    ) as bridge:
+    async with (
+        fake_weather() as weather,
+        running(
+            tool_config(homeserver, tmp_path, weather, approval_timeout_s=60.0), homeserver
+        ) as bridge,
+    ):
         bridge.parts.tools.registry.register(bell)
         owner, room, persona = await open_dm(homeserver, bridge)
         name = bridge.config.default_persona.name
@@ -302,8 +310,10 @@ async def test_a_tool_with_side_effects_waits_for_a_trusted_approval(
             async def approve_when_asked() -> None:
                 request = await owner.wait_for(
                     room,
-                    lambda e: from_persona(persona, "m.notice")(e)
-                    and "needs approval" in e["content"]["body"],
+                    lambda e: (
+                        from_persona(persona, "m.notice")(e)
+                        and "needs approval" in e["content"]["body"]
+                    ),
                     timeout=120,
                 )
                 relates = {"rel_type": "m.annotation", "event_id": request["event_id"], "key": "✅"}
@@ -318,9 +328,11 @@ async def test_a_tool_with_side_effects_waits_for_a_trusted_approval(
             async def deny_when_asked() -> None:
                 await owner.wait_for(
                     room,
-                    lambda e: from_persona(persona, "m.notice")(e)
-                    and "needs approval" in e["content"]["body"]
-                    and e["event_id"] not in seen,
+                    lambda e: (
+                        from_persona(persona, "m.notice")(e)
+                        and "needs approval" in e["content"]["body"]
+                        and e["event_id"] not in seen
+                    ),
                     timeout=120,
                 )
                 await owner.send_text(room, "!deny")
@@ -331,8 +343,10 @@ async def test_a_tool_with_side_effects_waits_for_a_trusted_approval(
             await waiter
             answer = await owner.wait_for(
                 room,
-                lambda e: from_persona(persona, "m.notice")(e)
-                and e["content"]["body"].startswith("Denied"),
+                lambda e: (
+                    from_persona(persona, "m.notice")(e)
+                    and e["content"]["body"].startswith("Denied")
+                ),
                 timeout=60,
             )
         finally:

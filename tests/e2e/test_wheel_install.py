@@ -305,9 +305,9 @@ async def check_running(homeserver: Homeserver, port: int) -> None:
         await human.send_text(room, "Hello from a wheel install!")
         reply = await human.wait_for(
             room,
-            lambda e: e.get("sender") == persona
-            and e.get("type") == "m.room.message"
-            and not is_edit(e),
+            lambda e: (
+                e.get("sender") == persona and e.get("type") == "m.room.message" and not is_edit(e)
+            ),
             timeout=120,
         )
     body = reply["content"]["body"]

@@ -152,3 +152,25 @@ def test_encryption_needs_a_pickle_key_from_file_or_environment(tmp_path: Path) 
     assert config.encryption.enabled and config.encryption.pickle_key
     # The key never shows in a printed config.
     assert "a-long-enough-pickle-key" not in repr(config)
+
+
+def test_api_section(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL), env={})
+    assert not config.api.enabled and config.api.hostname == "127.0.0.1"
+    text = MINIMAL + """\
+api:
+  enabled: true
+  tokens:
+    - {name: notebook, token_env: NB_TOKEN, requests_per_minute: 5}
+    - {name: ci, token: "0123456789abcdef-ci"}
+"""
+    config = load_config(write(tmp_path, text), env={})
+    nb, ci = config.api.tokens
+    assert nb.resolved({"NB_TOKEN": "from-env-0123456789"}) == "from-env-0123456789"
+    assert ci.resolved({}) == "0123456789abcdef-ci" and "0123456789abcdef" not in repr(ci)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + "api: {enabled: true}\n"), env={})
+    assert err.value.key == "api.tokens"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text.replace("0123456789abcdef-ci", "short")), env={})
+    assert err.value.key == "api.tokens[1].token"

@@ -42,6 +42,8 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hivebridge_model_offloaded_layers": ("gauge", ("model",)),
     "hivebridge_endpoint_errors": ("counter", ("endpoint", "kind")),
     "hivebridge_endpoint_failovers": ("counter", ("endpoint",)),
+    "hivebridge_api_requests": ("counter", ("token", "status")),
+    "hivebridge_api_tokens": ("counter", ("token", "kind")),
     "hivebridge_tool_calls": ("counter", ("tool", "outcome")),
     "hivebridge_tool_duration_seconds": ("histogram", ("tool",)),
 }

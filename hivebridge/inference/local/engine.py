@@ -332,6 +332,7 @@ class LocalEngine:
             stop=tuple(params.stop or ()),
             ignore_eos=ignore_eos or params.ignore_eos,
             grammar=self._grammar(params),
+            logit_bias=tuple(params.logit_bias),
         )
 
     def _grammar(self, params: SamplingParams) -> str | None:
@@ -352,6 +353,7 @@ class LocalEngine:
         *,
         session: str | None = None,
         ignore_eos: bool = False,
+        priority: int = 0,
     ) -> LocalGeneration | EnvelopeGeneration:
         """Start a request; ``session`` (e.g. "!room:hs|@persona:hs") keeps its KV warm.
 
@@ -359,13 +361,14 @@ class LocalEngine:
         ``ignore_eos`` is for benchmarks: generate exactly ``max_tokens`` tokens.
         ``params.response_format`` constrains the output with a grammar; a request
         with ``params.tools`` is answered in the reply envelope (inference/envelope.py).
+        ``priority``: higher is admitted and prefilled first (rooms 0; the API's
+        requests come in below them by default).
         """
         if asyncio.get_running_loop() is not self._loop:
             raise RuntimeError("generate() must run on the event loop that started the engine")
         if params.tools:  # no native tool calls here: the reply envelope, under a grammar
             return generate_with_envelope(self.generate, messages, params, session=session)
-        stats = GenerationStats(model=self.model_name, backend=self.name)
-        model = self._need_model()
+        self._need_model()
         sampling = self.resolve(params, ignore_eos=ignore_eos)
         try:
             prepared = self.prepare(messages, sampling.max_tokens)
@@ -373,23 +376,58 @@ class LocalEngine:
             raise
         except Exception as exc:
             raise InferenceError(f"could not build the prompt: {exc}") from exc
+        pin_len = prepared.system_len if prepared.system_len >= self.settings.min_pin_tokens else 0
+        return self._submit(prepared.tokens, sampling, session, pin_len, priority)
+
+    def complete(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        session: str | None = None,
+        priority: int = 0,
+    ) -> LocalGeneration:
+        """A plain text completion of ``prompt`` (no chat template), as ``/v1/completions``.
+
+        The prompt is tokenized with the model's BOS; a prompt longer than the
+        context keeps its end.
+        """
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("complete() must run on the event loop that started the engine")
+        self._need_model()
+        sampling = self.resolve(params)
+        with self._vocab_lock:
+            tokens = self._need_model().tokenize(prompt, add_special=True)
+        budget = max(8, self.max_context_tokens - sampling.max_tokens)
+        if len(tokens) > budget:
+            tokens = tokens[-budget:]
+        return self._submit(tokens, sampling, session, 0, priority)
+
+    def _submit(
+        self,
+        tokens: list[int],
+        sampling: ResolvedSampling,
+        session: str | None,
+        pin_len: int,
+        priority: int,
+    ) -> LocalGeneration:
+        stats = GenerationStats(model=self.model_name, backend=self.name)
         rid = next(self._ids)
         gen = LocalGeneration(self, rid, stats)
-        stats.prompt_tokens = len(prepared.tokens)
+        stats.prompt_tokens = len(tokens)
 
         def emit(update: Update) -> None:  # engine thread only; see _flush
             self._outbox.append((gen._on_update, update))
 
-        pin_len = prepared.system_len if prepared.system_len >= self.settings.min_pin_tokens else 0
         req = Request(
             rid=rid,
-            prompt=prepared.tokens,
+            prompt=tokens,
             sampling=sampling,
             session=session,
             emit=emit,
             pin_len=pin_len if self.settings.prefix_cache else 0,
+            priority=priority,
         )
-        del model
         self._send(_Submit(req))
         return gen
 
@@ -571,4 +609,3 @@ def _deliver(items: list[tuple[Callable[[Update], None], Update]]) -> None:
             callback(update)
         except Exception:
             log.exception("could not deliver a local engine update")
-

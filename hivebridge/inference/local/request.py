@@ -44,6 +44,9 @@ class Request:
     session: str | None
     emit: Callable[[Update], None]
     pin_len: int = 0  # tokens of the persona (system) prefix to pin, 0 = none
+    #: Higher goes first: admitted and prefilled before lower ones (rooms 0, the API
+    #: below by default, so API load cannot starve rooms).
+    priority: int = 0
     phase: Phase = Phase.WAITING
     seq: Seq | None = None
     n_past: int = 0  # prompt tokens in the KV

@@ -25,6 +25,7 @@ class ResolvedSampling:
     stop: tuple[str, ...]
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF (root rule "root") the output must match
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits
 
 
 class SamplerChain:
@@ -53,11 +54,14 @@ class SamplerChain:
                 self.free()
                 raise ValueError("llama.cpp rejected the grammar")
             self._add(grammar)
-        if s.ignore_eos and eog_tokens:
-            biases = (L.llama_logit_bias * len(eog_tokens))()
-            for i, tok in enumerate(eog_tokens):
-                biases[i] = L.llama_logit_bias(tok, float("-inf"))
-            self._add(L.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
+        bias = {t: b for t, b in s.logit_bias if 0 <= t < n_vocab}
+        if s.ignore_eos:
+            bias.update((tok, float("-inf")) for tok in eog_tokens)
+        if bias:
+            biases = (L.llama_logit_bias * len(bias))()
+            for i, (tok, b) in enumerate(bias.items()):
+                biases[i] = L.llama_logit_bias(tok, b)
+            self._add(L.llama_sampler_init_logit_bias(n_vocab, len(bias), biases))
         if s.repeat_penalty != 1.0 and s.repeat_last_n != 0:
             self._add(
                 L.llama_sampler_init_penalties(n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)

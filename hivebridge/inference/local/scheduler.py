@@ -74,7 +74,15 @@ class Scheduler:
     # --- requests ----------------------------------------------------------------------
 
     def submit(self, req: Request) -> None:
-        self.waiting.append(req)
+        """Queue ``req`` behind every request of its priority or higher (FIFO within one)."""
+        waiting = self.waiting
+        if not waiting or waiting[-1].priority >= req.priority:
+            waiting.append(req)
+            return
+        for i, other in enumerate(waiting):
+            if other.priority < req.priority:
+                waiting.insert(i, req)
+                return
 
     def cancel(self, rid: int) -> None:
         for req in [*self.waiting, *self.active]:
@@ -107,11 +115,11 @@ class Scheduler:
         budget = self.model.n_batch - len(units)
         if decoding:
             budget = min(budget, self.settings.prefill_chunk)
-        for req in self.active:
+        prefilling = [r for r in self.active if r.phase is Phase.PREFILL]
+        prefilling.sort(key=lambda r: -r.priority)  # stable: FIFO within a priority
+        for req in prefilling:
             if budget <= 0:
                 break
-            if req.phase is not Phase.PREFILL:
-                continue
             rest = len(req.prompt) - req.n_past
             take = min(rest, budget)
             units.append((req, req.prompt[req.n_past : req.n_past + take], take == rest))

@@ -13,9 +13,7 @@ from .runner import ToolRunner
 class Toolbox:
     """The registry, the runner and the approvals, with the config's defaults."""
 
-    def __init__(
-        self, config: ToolsConfig, registry: ToolRegistry, approvals: Approvals
-    ) -> None:
+    def __init__(self, config: ToolsConfig, registry: ToolRegistry, approvals: Approvals) -> None:
         self.config = config
         self.registry = registry
         self.approvals = approvals
