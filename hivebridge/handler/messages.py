@@ -29,6 +29,7 @@ from ..personas.replies import ReplyService
 from ..routing.dispatch import (
     MessageView,
     PersonaView,
+    Reason,
     RoomView,
     addressed_in_thread,
     decide,
@@ -42,6 +43,20 @@ log = logging.getLogger("hivebridge.handler")
 MAX_THREADS_PER_ROOM = 256
 #: Rooms whose thread and limit state is kept in memory (least recently active go first).
 MAX_ROOMS_CACHED = 4096
+
+#: What the room is told when the loop guard stops personas (once per stop).
+PING_PONG_NOTICE = (
+    "Loop limit reached: the personas here kept answering each other in the same "
+    "pattern, so they pause until someone else speaks."
+)
+BOUNCE_NOTICE = (
+    "Loop limit reached: personas answered each other {limit} times in a row "
+    "(routing.bounce_limit), so this chain ends here until someone else speaks."
+)
+TURN_CAP_NOTICE = (
+    "Turn limit reached: personas took {cap} turns here in the last minute "
+    "(routing.max_persona_turns_per_minute); they answer again in about {wait:.0f}s."
+)
 
 
 class MessageHandler:
@@ -125,7 +140,15 @@ class MessageHandler:
         now = time.time()
         verdict = self.loop_guard.observe(room_id, msg.sender, now, is_bot=is_ours)
         if verdict.notify:
-            await self._loop_notice(room_id, msg, members)
+            names = ", ".join(sorted({self._name(m) for m in verdict.pattern}))
+            log.info(
+                "loop guard: %s answered each other in the same pattern %d times; "
+                "paused until someone else speaks",
+                names,
+                self.loop_guard.threshold,
+                extra={"room_id": room_id},
+            )
+            await self._stop_notice(room_id, msg, members, None, PING_PONG_NOTICE, "loop")
         personas = [
             p for m in members if (p := self.personas.get(m)) is not None and p.name not in decided
         ]
@@ -144,6 +167,11 @@ class MessageHandler:
             metrics.ROUTING_DECISIONS.labels(
                 "yes" if decision.answer else "no", metrics.reason_label(decision.reason)
             ).inc()
+            if decision.reason is Reason.BOUNCE_LIMIT_REACHED:
+                log.info("%s suppressed: bounce_limit", persona.name, extra={"room_id": room_id})
+                _count_guard(GuardVerdict.BOUNCE_LIMIT, persona.name)
+                await self._guard_stop(room_id, msg, members, persona, GuardVerdict.BOUNCE_LIMIT)
+                continue
             if not decision.answer:
                 log.debug("%s: no (%s)", persona.name, decision.reason, extra={"room_id": room_id})
                 continue
@@ -156,6 +184,7 @@ class MessageHandler:
             if guard is not GuardVerdict.ALLOW:
                 log.info("%s suppressed: %s", persona.name, guard, extra={"room_id": room_id})
                 _count_guard(guard, persona.name)
+                await self._guard_stop(room_id, msg, members, persona, guard)
                 continue
             if not await self._within_limits(room_id, msg, members, persona, is_ours):
                 continue
@@ -247,20 +276,63 @@ class MessageHandler:
         )
         await self.commands.run(ctx, msg.body)
 
-    async def _loop_notice(self, room_id: str, msg: StoredMessage, members: list[str]) -> None:
-        text = (
-            "Loop limit reached: the personas here kept answering each other in the same "
-            "pattern, so they pause until someone else speaks."
-        )
+    async def _guard_stop(
+        self,
+        room_id: str,
+        msg: StoredMessage,
+        members: list[str],
+        persona: Persona,
+        verdict: GuardVerdict,
+    ) -> None:
+        """Announce a stop by the bounce limit or the turn cap, once (see LoopGuard.announce).
+
+        A ping-pong suppression is announced when the pattern trips, not here.
+        """
+        if verdict is GuardVerdict.PING_PONG or not self.loop_guard.announce(room_id, verdict):
+            return
+        r = self.config.routing
+        if verdict is GuardVerdict.BOUNCE_LIMIT:
+            log.info(
+                "loop guard: personas answered each other until the bounce limit (%d hops); "
+                "the chain ends here",
+                r.bounce_limit,
+                extra={"room_id": room_id},
+            )
+            text = BOUNCE_NOTICE.format(limit=r.bounce_limit)
+        else:
+            wait = self.loop_guard.turn_retry_after(room_id, time.time())
+            log.info(
+                "loop guard: personas took %d turns in a minute; quiet for %.0fs",
+                r.max_persona_turns_per_minute,
+                wait,
+                extra={"room_id": room_id},
+            )
+            text = TURN_CAP_NOTICE.format(cap=r.max_persona_turns_per_minute, wait=max(1, wait))
+        await self._stop_notice(room_id, msg, members, persona, text, str(verdict))
+
+    async def _stop_notice(
+        self,
+        room_id: str,
+        msg: StoredMessage,
+        members: list[str],
+        persona: Persona | None,
+        text: str,
+        tag: str,
+    ) -> None:
+        """One notice from the bot; in a room without it, from the persona speaking."""
         intent = self.appservice.intent
         if self.personas.bot_mxid not in members:
-            persona = self.personas.get(msg.sender)
-            if persona is None:
+            speaker = self.personas.get(msg.sender) or persona
+            if speaker is None:
                 return
-            intent = self.personas.intent(persona)
+            intent = self.personas.intent(speaker)
         await self.sender.send_text(
-            intent, room_id, text, txn_id=stable_txn_id(msg.event_id, "loop"), notice=True
+            intent, room_id, text, txn_id=stable_txn_id(msg.event_id, tag), notice=True
         )
+
+    def _name(self, mxid: str) -> str:
+        persona = self.personas.get(mxid)
+        return persona.name if persona is not None else mxid
 
     async def _view(self, msg: StoredMessage) -> MessageView:
         reply_sender = thread_sender = None

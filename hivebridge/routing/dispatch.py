@@ -33,7 +33,8 @@ __all__ = [
 
 
 class Reason(StrEnum):
-    """Why a persona does (or does not) answer. Checked in this order."""
+    """Why a persona does (or does not) answer. Checked in this order; the bounce
+    limit last, so it only ever stops a persona that was addressed."""
 
     REDACTION = "redaction"  # redactions never trigger anything
     OWN_MESSAGE = "own_message"  # never answer yourself
@@ -41,7 +42,6 @@ class Reason(StrEnum):
     EDIT = "edit"  # m.replace: the original already had its chance
     NOTICE = "notice"  # m.notice is the bot-to-bot "do not answer" convention
     ROOM_STOPPED = "room_stopped"  # !stop
-    BOUNCE_LIMIT_REACHED = "bounce_limit_reached"  # MSC4295 hop budget spent
     DIRECT_ROOM = "direct_room"  # exactly two joined members: every message is for us
     MENTIONED = "mentioned"  # mxid in m.mentions.user_ids
     PILL = "pill"  # matrix.to / matrix: link or bare mxid in the text
@@ -49,6 +49,7 @@ class Reason(StrEnum):
     NAME = "name"  # display name or localpart as a word
     THREAD_FOLLOWUP = "thread_followup"  # inside a thread it was addressed in / rooted at it
     NOT_ADDRESSED = "not_addressed"  # group room and nobody called it
+    BOUNCE_LIMIT_REACHED = "bounce_limit_reached"  # addressed, but the MSC4295 hop budget is spent
 
 
 #: Reasons meaning "this message spoke to the persona" (as opposed to a direct room).
@@ -182,14 +183,16 @@ def decide(message: MessageView, persona: PersonaView, room: RoomView) -> Decisi
         return Decision(False, Reason.NOTICE)
     if not room.active:
         return Decision(False, Reason.ROOM_STOPPED)
-    # Any sender may spend the hop budget (MSC4295 is about bots replying to anything).
-    if message.bounce_limit is not None and message.bounce_limit <= 0:
-        return Decision(False, Reason.BOUNCE_LIMIT_REACHED)
     if room.joined_member_count == 2:
-        return Decision(True, Reason.DIRECT_ROOM)
-    reason = _addressed_reason(message, persona, room)
+        reason: Reason | None = Reason.DIRECT_ROOM
+    else:
+        reason = _addressed_reason(message, persona, room)
     if reason is None:
         return Decision(False, Reason.NOT_ADDRESSED)
+    # Any sender may spend the hop budget (MSC4295 is about bots replying to anything).
+    # Checked last, so this reason means "would have answered": the chain was cut here.
+    if message.bounce_limit is not None and message.bounce_limit <= 0:
+        return Decision(False, Reason.BOUNCE_LIMIT_REACHED)
     return Decision(True, reason)
 
 

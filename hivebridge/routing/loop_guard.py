@@ -35,6 +35,18 @@ could unlock a loop again and again. It is not suppressed either, and it stays i
 history, so if it joins a new loop that loop trips too (and its participants are added).
 Once tripped, every participant of the pattern is suppressed until a reset, and exactly one
 verdict per trip carries ``notify=True`` so the bot posts one notice.
+
+One notice per stop
+-------------------
+A room hears about a stop once. The ping-pong trip and the bounce limit both end a
+persona chain, so they share one announcement per chain (:meth:`LoopGuard.announce`):
+whichever stops the chain first speaks, the other stays quiet until the chain resets (a
+human speaks, or the cooldown passes). The turn cap speaks once when it first refuses a
+turn, and again only after it has let a turn through since.
+
+With the shipped settings (threshold 5, bounce limit 16, 20 turns a minute) two personas
+answering each other are stopped by the pattern after 10 messages: the bounce limit (17
+messages) and the turn cap (20) are the brakes for what has no fixed pattern.
 """
 
 from __future__ import annotations
@@ -219,6 +231,9 @@ class GuardVerdict(StrEnum):
     TURN_CAP = "turn_cap"  # the room used up its persona turns for this minute
 
 
+_LOOP, _TURN_CAP = "loop", "turn_cap"
+
+
 class LoopGuard:
     """Per-room loop state behind two calls.
 
@@ -241,6 +256,9 @@ class LoopGuard:
         self._detectors: dict[str, PingPongDetector] = {}
         self._turns = PersonaTurnLimiter(max_turns_per_minute)
         self._pruned_at: float | None = None
+        #: Rooms told about their current stop: ``loop`` (pattern or bounce limit,
+        #: until the chain resets) and ``turn_cap`` (until the cap allows a turn).
+        self._announced: dict[str, set[str]] = {}
 
     def reconfigure(self, threshold: int, cooldown_s: float, max_turns_per_minute: int) -> None:
         """New limits from the next message on (a reloaded config).
@@ -263,14 +281,36 @@ class LoopGuard:
         return det
 
     def observe(self, room_id: str, sender: str, now: float, *, is_bot: bool) -> LoopVerdict:
-        """Also prunes quiet rooms, at most once a cooldown: state stays bounded by the
-        rooms active within the last cooldown, not every room ever seen."""
+        """Record one message; ``notify`` only when no loop stop was announced in this
+        chain. Also prunes quiet rooms, at most once a cooldown: state stays bounded by
+        the rooms active within the last cooldown, not every room ever seen."""
         if self._pruned_at is None:
             self._pruned_at = now
         elif now - self._pruned_at >= self.cooldown_s:
             self._pruned_at = now
             self.prune(now)
-        return self.detector(room_id).observe(sender, now, is_bot=is_bot)
+        det = self.detector(room_id)
+        if not is_bot or det.idle(now):
+            self._announced.get(room_id, set()).discard(_LOOP)
+        verdict = det.observe(sender, now, is_bot=is_bot)
+        if verdict.notify and not self.announce(room_id, GuardVerdict.PING_PONG):
+            return LoopVerdict(verdict.status, False, verdict.pattern, verdict.suppressed)
+        return verdict
+
+    def announce(self, room_id: str, verdict: GuardVerdict) -> bool:
+        """Whether a stop by ``verdict`` should be announced now (and note that it was).
+
+        The pattern and the bounce limit share one announcement per chain; the turn
+        cap has its own, renewed once the cap lets a turn through again.
+        """
+        if verdict is GuardVerdict.ALLOW:
+            return False
+        key = _TURN_CAP if verdict is GuardVerdict.TURN_CAP else _LOOP
+        told = self._announced.setdefault(room_id, set())
+        if key in told:
+            return False
+        told.add(key)
+        return True
 
     def check_turn(
         self,
@@ -287,17 +327,24 @@ class LoopGuard:
             return GuardVerdict.PING_PONG
         if not self._turns.allow(room_id, now):
             return GuardVerdict.TURN_CAP
+        self._announced.get(room_id, set()).discard(_TURN_CAP)
         return GuardVerdict.ALLOW
+
+    def turn_retry_after(self, room_id: str, now: float) -> float:
+        """Seconds until the room's turn cap lets a persona speak again."""
+        return self._turns.retry_after(room_id, now)
 
     def forget(self, room_id: str) -> None:
         """Drop a room's state (left the room, or ``!start`` after ``!stop``)."""
         self._detectors.pop(room_id, None)
         self._turns.forget(room_id)
+        self._announced.pop(room_id, None)
 
     def prune(self, now: float) -> None:
         """Drop state of rooms that have been quiet for the cooldown (bounds memory)."""
         for room_id in [r for r, d in self._detectors.items() if d.idle(now)]:
             del self._detectors[room_id]
+            self._announced.pop(room_id, None)
         self._turns.prune(now)
 
     def __len__(self) -> int:

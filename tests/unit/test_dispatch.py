@@ -298,6 +298,8 @@ def test_spent_bounce_limit_triggers_nobody(limit: int) -> None:
     assert reason(spent) is Reason.BOUNCE_LIMIT_REACHED
     assert reason(spent, room=DIRECT) is Reason.BOUNCE_LIMIT_REACHED
     assert reason(replace(spent, bounce_limit=1)) is Reason.MENTIONED
+    # Only a persona that would have answered is stopped by it (that stop is announced).
+    assert reason(msg("nobody", sender=BOB.mxid, bounce_limit=limit)) is Reason.NOT_ADDRESSED
 
 
 def test_next_bounce_limit() -> None:

@@ -334,3 +334,64 @@ def test_state_of_quiet_rooms_is_dropped_as_messages_arrive() -> None:
     assert guard.rooms_tracked() == 10_000
     guard.observe("!busy:x", A, 301.0, is_bot=True)
     assert guard.rooms_tracked() == 1
+
+
+# --- one notice per stop ---------------------------------------------------------------------
+
+
+def test_shipped_settings_let_the_pattern_stop_two_personas_first() -> None:
+    """With the shipped routing settings the ping-pong guard, which speaks, stops a loop of
+    two personas before the bounce limit (silent on old settings) or the turn cap."""
+    from hivebridge.config import RoutingConfig
+    from hivebridge.routing.dispatch import next_bounce_limit
+
+    r = RoutingConfig()
+    guard = LoopGuard(
+        r.ping_pong_threshold, r.ping_pong_cooldown_s, 64, r.max_persona_turns_per_minute
+    )
+    bounce = next_bounce_limit(None, r.bounce_limit)  # the first persona answered a human
+    now = 0.0
+    for n, sender in enumerate([A, B] * 20, start=1):
+        verdict = guard.observe("!r", sender, now, is_bot=True)
+        if verdict.notify:
+            break
+        assert bounce > 0, f"the bounce limit ended the chain silently after {n} messages"
+        answering = B if sender == A else A
+        assert guard.check_turn("!r", answering, now, incoming_bounce_limit=bounce) is (
+            GuardVerdict.ALLOW
+        )
+        bounce = next_bounce_limit(bounce, r.bounce_limit)
+        now += 1
+    assert n == 2 * r.ping_pong_threshold == 10
+
+
+def test_pattern_and_bounce_limit_share_one_announcement_per_chain() -> None:
+    guard = LoopGuard(threshold=3, cooldown_s=60, max_turns_per_minute=100)
+    notices = sum(guard.observe("!r", s, i, is_bot=True).notify for i, s in enumerate([A, B] * 3))
+    assert notices == 1
+    assert not guard.announce("!r", GuardVerdict.BOUNCE_LIMIT)  # the pattern spoke already
+    guard.observe("!r", HUMAN, 10, is_bot=False)  # a new chain
+    assert guard.announce("!r", GuardVerdict.BOUNCE_LIMIT)
+    assert not guard.announce("!r", GuardVerdict.BOUNCE_LIMIT)
+    # ... and a pattern in the same chain after a bounce stop stays quiet
+    chain = [guard.observe("!r", s, 11 + i, is_bot=True) for i, s in enumerate([A, B] * 3)]
+    notices = sum(v.notify for v in chain)
+    assert notices == 0 and guard.check_turn("!r", A, 20) is GuardVerdict.PING_PONG
+    assert guard.announce("!other", GuardVerdict.BOUNCE_LIMIT)  # per room
+    # a chain that went quiet for the cooldown is a new chain
+    guard.observe("!r", A, 100, is_bot=True)
+    assert guard.announce("!r", GuardVerdict.BOUNCE_LIMIT)
+
+
+def test_turn_cap_is_announced_once_until_a_turn_is_allowed_again() -> None:
+    guard = LoopGuard(max_turns_per_minute=1)
+    assert guard.check_turn("!r", A, 0) is GuardVerdict.ALLOW
+    assert guard.check_turn("!r", B, 1) is GuardVerdict.TURN_CAP
+    assert guard.turn_retry_after("!r", 1) == 59
+    assert guard.announce("!r", GuardVerdict.TURN_CAP)
+    assert guard.check_turn("!r", B, 2) is GuardVerdict.TURN_CAP
+    assert not guard.announce("!r", GuardVerdict.TURN_CAP)
+    assert guard.check_turn("!r", B, 61) is GuardVerdict.ALLOW
+    assert guard.check_turn("!r", A, 62) is GuardVerdict.TURN_CAP
+    assert guard.announce("!r", GuardVerdict.TURN_CAP)
+    assert not guard.announce("!r", GuardVerdict.ALLOW)
