@@ -448,14 +448,17 @@ class RoutingConfig:
 
     #: Prefix of bot commands.
     command_prefix: str = "!"
-    #: Personas answering each other in the same pattern this many times in a row
-    #: are paused until someone else speaks (or the cooldown passes).
+    #: The same personas in the same repeating pattern this many times in a row
+    #: (A→B five times: ten messages) are paused until someone else speaks (or the
+    #: cooldown passes); the bot says so once.
     ping_pong_threshold: int = 5
     ping_pong_cooldown_s: float = 300.0
     #: Persona replies per room per minute, all personas together.
     max_persona_turns_per_minute: int = 20
-    #: MSC4295 bounce limit put on persona messages; each persona-to-persona hop spends one.
-    bounce_limit: int = 8
+    #: MSC4295 bounce limit put on persona messages; each persona-to-persona hop
+    #: spends one. Above 2 × ping_pong_threshold, so a two-persona loop meets the
+    #: pattern guard (and its notice) first; this catches chains without a pattern.
+    bounce_limit: int = 16
 
     def validate(self) -> None:
         if len(self.command_prefix) != 1 or self.command_prefix.isalnum():
@@ -485,10 +488,15 @@ class RepliesConfig:
     #: After a restart (or a homeserver that redelivers late), messages and pending
     #: replies at most this old are answered; older ones stay stored, unanswered.
     resume_max_age_s: float = 900.0
+    #: On SIGTERM or SIGINT, replies being written get this many seconds to finish;
+    #: the rest are cut and resumed at the next start (a second signal cuts at once).
+    shutdown_grace_s: float = 10.0
 
     def validate(self) -> None:
         if self.resume_max_age_s < 0:
             raise ConfigError("replies.resume_max_age_s", "must not be negative")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("replies.shutdown_grace_s", "must not be negative")
         if self.edit_interval_s < 0.1:
             raise ConfigError("replies.edit_interval_s", "must be at least 0.1")
         if self.max_edits < 0:
