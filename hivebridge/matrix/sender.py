@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 from aiohttp import ClientError
@@ -241,8 +242,10 @@ class Sender:
         )
         if persona is not None and not notice:  # a persona's answer, not a notice
             metrics.MATRIX_REPLIES_SENT.labels(metrics.persona_label(persona)).inc()
-        # Stored unhandled: when the homeserver echoes it back, intake routes it
-        # once, so other personas in the room can be addressed by it.
+        # A message is stored unhandled: when the homeserver echoes it back, intake
+        # routes it once, so other personas in the room can be addressed by it. A
+        # notice triggers nobody and is no turn: it is stored handled, or every
+        # restart would count it among the unfinished work and route it again.
         row = stored_from_event(
             {
                 "type": "m.room.message",
@@ -255,7 +258,7 @@ class Sender:
             persona=persona,
         )
         if row is not None:
-            await self.messages.insert(row)
+            await self.messages.insert(replace(row, handled=notice))
         return str(event_id)
 
     async def edit_text(
