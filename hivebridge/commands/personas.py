@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..conversation import render_traits
 from ..db.personas import Persona
 from ..personas.directory import PersonaDirectory
+from ..personas.display_names import display_name_problem
 from ..personas.lifecycle import PersonaLifecycle, SpawnError
 from ..personas.tools.toolbox import Toolbox
 from .base import CommandContext, CommandTable, UserError
@@ -154,6 +155,8 @@ class PersonaCommands:
         name = self.persona_name(raw_name, prefix)
         if self.directory.get(self.directory.config.persona_mxid(name)) or name == "bot":
             raise UserError(f"The name {name!r} is taken.", "conflict")
+        if display:
+            self._check_display(display)
         if dm_with is not None and not _USER.match(dm_with):
             raise UserError(f"{dm_with[:60]!r} is not a user id (@user:server).")
         room_id = await self.room_id(room) if room else None
@@ -171,6 +174,15 @@ class PersonaCommands:
         except SpawnError as e:
             raise UserError(f"Could not spawn {name}: {e}", "failed") from None
         return Spawned(persona, where, time.monotonic() - started)
+
+    def _check_display(self, display: str) -> None:
+        """Refuse invisible or direction-changing characters and the bot's lookalikes."""
+        appservice = self.directory.config.appservice
+        problem = display_name_problem(
+            display, (appservice.bot_displayname, appservice.bot_localpart)
+        )
+        if problem is not None:
+            raise UserError(problem)
 
     async def despawn_persona(self, raw_name: str | None, prefix: str) -> tuple[Persona, str]:
         """Despawn; returns the persona and the answer to show."""
@@ -289,6 +301,7 @@ class PersonaCommands:
         elif field == "profile":
             p = _replace(p, profile=self._profile(ctx, value))
         elif field == "display":
+            self._check_display(value)
             await intent.set_displayname(value)
             p = _replace(p, displayname=value)
         elif field in ("tools", "tool_choice") and self.toolbox is None:
