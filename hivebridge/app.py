@@ -663,6 +663,17 @@ class Bridge:
         since = int((time.time() - self.config.replies.resume_max_age_s) * 1000)
         found = {m.event_id: m for m in await p.messages.unhandled(since)}
         pending = await p.jobs.pending(since)
+        # Our own notices need no routing (stored so by older versions): mark them
+        # handled instead of counting them as work to resume.
+        needless = [
+            m.event_id
+            for m in found.values()
+            if m.msgtype == "m.notice" and p.personas.is_ours(m.sender)
+        ]
+        if needless:
+            await p.messages.mark_handled_many(needless)
+            for event_id in needless:
+                del found[event_id]
         for job in pending:
             if job.event_id not in found:
                 msg = await p.messages.get(job.event_id)
