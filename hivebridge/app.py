@@ -515,6 +515,8 @@ class Bridge:
         self.registration_path = Path(registration_path)
         self._stack = AsyncExitStack()
         self._parts: Parts | None = None
+        self._running = False
+        self._hurry = asyncio.Event()
 
     @property
     def config(self) -> Config:
@@ -587,6 +589,7 @@ class Bridge:
         await self._start_web(p, stack)
         await self._start_api(p, stack)
         p.intake.ready = True
+        self._running = True
         await self._ping_homeserver(p)
         log.info(
             "hivebridge listening on %s:%d as %s",
@@ -700,16 +703,39 @@ class Bridge:
             return outcome
         return await self._parts.reloader.reload()
 
-    async def stop(self) -> None:
-        """Stop whatever was started, newest first; safe after a failed start and twice."""
+    async def stop(self) -> str | None:
+        """Stop whatever was started, newest first; safe after a failed start and twice.
+
+        A running bridge first stops taking transactions and gives what it is
+        handling ``replies.shutdown_grace_s`` to finish (:meth:`hurry` cuts that
+        short); then everything unwinds and the database closes last. Returns
+        what became of the work in flight, for the one line the process logs.
+        """
+        outcome = None
+        if self._running and self._parts is not None:
+            self._running = False
+            await self._parts.intake.stop_listening()
+            grace = self.config.replies.shutdown_grace_s
+            ended = await self._parts.handler.wind_down(grace, self._hurry)
+            outcome = (
+                f"{ended.finished} of {ended.in_flight} in flight finished, "
+                f"{ended.cut} cut at the {grace:g}s grace, {ended.queued} queued; "
+                "what was cut or queued resumes at the next start"
+            )
         stack, self._stack = self._stack, AsyncExitStack()
         await stack.aclose()
+        return outcome
+
+    def hurry(self) -> None:
+        """Cut the shutdown grace short (a second SIGTERM or SIGINT)."""
+        self._hurry.set()
 
 
 class Service(Protocol):
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> object:
+        """Stop; may return a short text on how it went, for the shutdown line."""
 
 
 async def serve(service: Service) -> int:
@@ -717,15 +743,24 @@ async def serve(service: Service) -> int:
 
     SIGTERM is how Docker, systemd and most supervisors stop a process: it ends
     a start in progress or a running service the same way, through ``stop``,
-    and exits 0. A start that fails exits non-zero with one line (a config
+    logs one line and exits 0; a second signal while stopping asks a service
+    that can :meth:`~Bridge.hurry` to skip its grace period. A start that fails exits non-zero with one line (a config
     error is left to the caller, which exits 2). SIGHUP asks a service that
     can :meth:`~Bridge.reload` to read its config again; reloads run one at a
     time, and one asked for while another runs follows it.
     """
     stopping = asyncio.Event()
+    signals: list[str] = []
     loop = asyncio.get_running_loop()
+
+    def on_stop(sig: signal.Signals) -> None:
+        signals.append(sig.name)
+        if stopping.is_set() and (hurry := getattr(service, "hurry", None)) is not None:
+            hurry()  # a second signal: no more grace
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     reloads: set[asyncio.Task[object]] = set()
     reload = getattr(service, "reload", None)
     if reload is not None:
@@ -756,9 +791,14 @@ async def serve(service: Service) -> int:
             log.error("hivebridge could not start: %s", _one_line(error))
             return EXIT_START_FAILED
         await signalled
-        log.info("stopping")
-        await service.stop()
-        log.info("hivebridge stopped")
+        started = time.monotonic()
+        outcome = await service.stop()
+        log.info(
+            "hivebridge stopped on %s in %.1fs%s",
+            signals[0],
+            time.monotonic() - started,
+            f": {outcome}" if outcome else "",
+        )
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -11,9 +11,9 @@ stderr.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,7 +36,30 @@ GROUP_QUESTION = "Assistant and Poet, what do you like about the sea?"
 
 
 async def run_demo(*, keep: bool = False, message: str, workdir: str | None = None) -> int:
+    """The demo until it ends, or until SIGTERM or SIGINT: then everything it started
+    (the bridge, Synapse) is stopped by its own cleanup and the exit status is 0."""
     setup_logging("WARNING")
+    loop = asyncio.get_running_loop()
+    demo = asyncio.create_task(_demo(keep=keep, message=message, workdir=workdir))
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def stop() -> None:
+        if not demo.cancelling():  # once: a second signal must not cut the cleanup
+            demo.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop)
+    try:
+        return await demo
+    except asyncio.CancelledError:
+        say("stopped; the bridge and Synapse are stopped too")
+        return 0
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _demo(*, keep: bool, message: str, workdir: str | None) -> int:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hivebridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     stack = DevStack(root)
@@ -84,10 +107,9 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
                     f"\nkept running: homeserver {synapse.url} (server name {SERVER_NAME})\n"
                     f"log in as alice / hunter2-hive with Element (custom homeserver): "
                     f"the direct chat is {room}, the group room {GROUP_ALIAS} ({group})\n"
-                    f"metrics: {metrics_url}\nCtrl-C stops everything."
+                    f"metrics: {metrics_url}\nCtrl-C (or SIGTERM) stops everything."
                 )
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.Event().wait()
+                await asyncio.Event().wait()  # until a signal cancels the demo
             else:
                 say(
                     "\nwhere to look next:\n"
@@ -103,8 +125,10 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
     finally:
-        await bridge.stop()
-        stack.stop()
+        try:
+            await bridge.stop()
+        finally:
+            stack.stop()
         if not workdir and not keep:
             shutil.rmtree(root, ignore_errors=True)
 

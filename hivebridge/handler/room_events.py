@@ -9,6 +9,7 @@ a persona whose reply job was written answers through it, never twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from ..bounded import RecentSet
 from ..db.messages import StoredMessage
 from ..db.resilience import is_connection_lost, retry_when_lost
 from ..matrix.members import RoomMembers
-from ..matrix.room_queues import RoomQueues
+from ..matrix.room_queues import RoomQueues, WindDown
 from ..personas.summaries import Summarizer
 from ..personas.tools import Approvals
 from .handled import HandledMarks
@@ -195,6 +196,12 @@ class RoomEventHandler:
         """Wait until everything queued is handled and marked so in the database."""
         await self.queues.drain()
         await self.handled.flush()
+
+    async def wind_down(self, grace_s: float, hurry: asyncio.Event | None = None) -> WindDown:
+        """Stopping: the events being handled (a reply streaming) get ``grace_s`` to
+        finish; queued ones stay stored unhandled, and a reply cut short keeps its
+        pending job, so the next start resumes both."""
+        return await self.queues.wind_down(grace_s, hurry)
 
     async def close(self) -> None:
         await self.queues.close()

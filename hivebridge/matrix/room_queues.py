@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -24,6 +25,20 @@ T = TypeVar("T")
 MAX_QUEUED_PER_ROOM = 1000
 
 log = logging.getLogger("hivebridge.rooms")
+
+
+@dataclass(frozen=True, slots=True)
+class WindDown:
+    """What a wind-down found: items being handled, those of them still running when
+    the grace ran out (cancelled by :meth:`RoomQueues.close`), and items never started."""
+
+    in_flight: int
+    cut: int
+    queued: int
+
+    @property
+    def finished(self) -> int:
+        return self.in_flight - self.cut
 
 
 class RoomQueues(Generic[T]):
@@ -43,7 +58,9 @@ class RoomQueues(Generic[T]):
         self._on_drop = on_drop
         self._queues: dict[str, asyncio.Queue[T]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._busy: set[str] = set()  # rooms whose consumer is handling an item now
         self._closing = False
+        self._winding_down = False
 
     def push(self, room_id: str, item: T) -> None:
         if self._closing:
@@ -80,22 +97,24 @@ class RoomQueues(Generic[T]):
 
     async def _consume(self, room_id: str, queue: asyncio.Queue[T]) -> None:
         try:
-            while True:
+            while not self._winding_down:
                 try:
                     item = await asyncio.wait_for(queue.get(), self._idle_timeout)
                 except TimeoutError:
                     return
+                self._busy.add(room_id)
                 try:
                     await self._handler(room_id, item)
                 except Exception:
                     log.exception("handling an event failed", extra={"room_id": room_id})
                 finally:
+                    self._busy.discard(room_id)
                     queue.task_done()
         finally:
             self._tasks.pop(room_id, None)
             if queue.empty():
                 self._queues.pop(room_id, None)
-            elif not self._closing:  # something arrived as we timed out: keep going
+            elif not (self._closing or self._winding_down):  # arrived as we timed out
                 self._tasks[room_id] = asyncio.create_task(self._consume(room_id, queue))
 
     async def drain(self) -> None:
@@ -105,6 +124,39 @@ class RoomQueues(Generic[T]):
             await asyncio.sleep(0)
             if all(q.empty() for q in self._queues.values()):
                 return
+
+    async def wind_down(self, grace_s: float, hurry: asyncio.Event | None = None) -> WindDown:
+        """Stop taking work: what is being handled gets up to ``grace_s`` seconds (or
+        until ``hurry`` is set) to finish, then it is cancelled; nothing queued starts.
+
+        Call :meth:`close` afterwards. What was queued or cut short stays with the
+        caller's own records (the handler resumes stored work at the next start).
+        """
+        self._winding_down = True
+        in_flight = {room: self._tasks[room] for room in self._busy if room in self._tasks}
+        for room, task in list(self._tasks.items()):
+            if room not in in_flight:
+                task.cancel()  # waiting for work that will not come
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        pending: set[asyncio.Future[Any]] = set(in_flight.values())
+        hurried = asyncio.ensure_future(hurry.wait()) if hurry is not None else None
+        try:
+            while pending and not (hurried is not None and hurried.done()):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                waiters = pending | ({hurried} if hurried is not None else set())
+                done, _ = await asyncio.wait(
+                    waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending -= done
+        finally:
+            if hurried is not None:
+                hurried.cancel()
+        cut = len(pending)
+        queued = self.pending
+        return WindDown(in_flight=len(in_flight), cut=cut, queued=queued)
 
     async def close(self) -> None:
         self._closing = True

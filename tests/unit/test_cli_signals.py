@@ -92,3 +92,45 @@ def test_sighup_reloads_and_the_service_keeps_running() -> None:
         "exited 0",
     ]
     assert "Traceback" not in done.stderr
+
+
+GRACEFUL = textwrap.dedent(
+    """
+    import asyncio, logging, os, signal
+    from hivebridge.app import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+
+    class Service:
+        def __init__(self) -> None:
+            self.hurried = asyncio.Event()
+
+        async def start(self) -> None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+
+        def hurry(self) -> None:
+            print("hurried", flush=True)
+            self.hurried.set()
+
+        async def stop(self) -> str:
+            # A reply in flight; the second signal ends its grace.
+            os.kill(os.getpid(), signal.SIGTERM)
+            await self.hurried.wait()
+            return "1 of 1 in flight finished"
+
+    print("exited", asyncio.run(serve(Service())), flush=True)
+    """
+)
+
+
+def test_a_second_signal_hurries_the_stop_and_one_line_is_logged() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", GRACEFUL], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == ["hurried", "exited 0"]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("hivebridge ")]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("hivebridge hivebridge stopped on SIGTERM in ")
+    assert lines[0].endswith(": 1 of 1 in flight finished")

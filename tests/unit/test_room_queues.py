@@ -88,3 +88,61 @@ async def test_a_flooded_room_keeps_a_bounded_queue_and_never_drops_state() -> N
     assert seen[2:] == list(range(4991, 5000))  # the newest messages
     assert len(dropped) == 5000 - len(seen) and "join" not in dropped
     await queues.close()
+
+
+async def test_wind_down_finishes_what_runs_and_starts_nothing_queued() -> None:
+    started: list[tuple[str, int]] = []
+    finished: list[tuple[str, int]] = []
+    release = asyncio.Event()
+    running = asyncio.Event()
+
+    async def handle(room: str, item: int) -> None:
+        started.append((room, item))
+        running.set()
+        await release.wait()
+        finished.append((room, item))
+
+    queues: RoomQueues[int] = RoomQueues(handle)
+    queues.push("!busy", 0)
+    queues.push("!busy", 1)  # queued behind: never starts
+    await running.wait()
+    queues.push("!idle", 0)  # a consumer waiting for its first item gets cancelled
+    asyncio.get_running_loop().call_soon(release.set)
+    ended = await queues.wind_down(grace_s=3600)
+    assert (ended.in_flight, ended.finished, ended.cut) == (1, 1, 0)
+    assert finished == [("!busy", 0)]
+    assert ("!busy", 1) not in started
+    await queues.close()
+
+
+async def test_wind_down_cuts_at_the_grace_or_when_hurried() -> None:
+    cancelled: list[int] = []
+    running = asyncio.Event()
+
+    async def handle(room: str, item: int) -> None:
+        running.set()
+        try:
+            await asyncio.Event().wait()  # a reply that never ends
+        except asyncio.CancelledError:
+            cancelled.append(item)
+            raise
+
+    queues: RoomQueues[int] = RoomQueues(handle)
+    queues.push("!r", 1)
+    await running.wait()
+    ended = await queues.wind_down(grace_s=0)
+    assert (ended.in_flight, ended.cut, ended.queued) == (1, 1, 0)
+    await queues.close()
+    assert cancelled == [1]
+
+    hurry = asyncio.Event()
+    queues = RoomQueues(handle)
+    queues.push("!r", 2)
+    queues.push("!r", 3)
+    running.clear()
+    await running.wait()
+    asyncio.get_running_loop().call_soon(hurry.set)
+    ended = await queues.wind_down(grace_s=3600, hurry=hurry)
+    assert (ended.in_flight, ended.cut, ended.queued) == (1, 1, 1)
+    await queues.close()
+    assert cancelled == [1, 2]
