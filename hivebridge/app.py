@@ -623,8 +623,11 @@ class Bridge:
             )
             await admin_web.start()
             stack.push_async_callback(admin_web.stop)
-        models = p.models
+        models, inference = p.models, p.inference
         stack.callback(metrics.watch_engines(lambda: engine_loads(models.engines())))
+        stack.callback(
+            metrics.watch_endpoints(lambda: {i.name: i.healthy for i in inference.endpoints()})
+        )
 
     async def _start_api(self, p: Parts, stack: AsyncExitStack) -> None:
         """The OpenAI-compatible API on the local engines, when enabled (docs/scale-out.md)."""
@@ -744,8 +747,9 @@ async def serve(service: Service) -> int:
     SIGTERM is how Docker, systemd and most supervisors stop a process: it ends
     a start in progress or a running service the same way, through ``stop``,
     logs one line and exits 0; a second signal while stopping asks a service
-    that can :meth:`~Bridge.hurry` to skip its grace period. A start that fails exits non-zero with one line (a config
-    error is left to the caller, which exits 2). SIGHUP asks a service that
+    that can :meth:`~Bridge.hurry` to skip its grace period. A start that fails
+    exits non-zero with one line (a config error is left to the caller, which
+    exits 2). SIGHUP asks a service that
     can :meth:`~Bridge.reload` to read its config again; reloads run one at a
     time, and one asked for while another runs follows it.
     """
