@@ -32,6 +32,7 @@ from .db.messages import MessageStore
 from .db.personas import Persona
 from .db.rooms import RoomStore
 from .db.usage import Tally, UsageStore
+from .inference.endpoints import EndpointInfo
 from .inference.local.engine import LocalEngine
 from .inference.types import Backend, InferenceError
 from .matrix.backfill import DEFAULT_LIMIT, MAX_LIMIT, backfill
@@ -303,6 +304,11 @@ class BridgeAdmin:
             "text": result.text,
         }
 
+    async def list_endpoints(self) -> list[dict[str, Any]]:
+        """Remote endpoints and their health, as ``!endpoints`` and the metrics see it
+        (never a URL or key)."""
+        return [_endpoint_json(info) for info in self.catalogue.router.endpoints()]
+
     def _persona_name(self, mxid: str) -> str | None:
         persona = self.personas.get(mxid)
         return persona.name if persona is not None else None
@@ -331,6 +337,20 @@ class BridgeAdmin:
             "models": {"known": len(entries), "loaded": sum(1 for e in entries if e.loaded)},
             "local_engines": engines,
         }
+
+
+def _endpoint_json(info: EndpointInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "status": info.status,
+        "healthy": info.healthy,
+        "breaker": info.state,
+        "latency_ms": info.latency_ms,
+        "last_error": info.last_error,
+        "next_probe_in_s": info.cooldown_remaining_s,
+        "models": list(info.models),
+        "pool": info.pool,
+    }
 
 
 def _persona_json(p: Persona) -> dict[str, Any]:

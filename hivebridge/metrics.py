@@ -56,6 +56,7 @@ __all__ = [
     "persona_label",
     "reason_label",
     "render",
+    "watch_endpoints",
     "watch_engines",
 ]
 
@@ -450,6 +451,65 @@ ENDPOINT_FAILOVERS = Counter(
     ["endpoint"],
     registry=REGISTRY,
 )
+
+#: What a source of endpoint health reports: endpoint name -> up.
+EndpointHealth = Callable[[], Mapping[str, bool]]
+
+
+class _EndpointGauge(Collector):
+    """Sets ``hivebridge_endpoint_up`` from the endpoint pool at every collection, so
+    the metric says what ``!endpoints`` and the admin API say at that moment."""
+
+    def __init__(self) -> None:
+        self._source: EndpointHealth | None = None
+        self._shown: set[str] = set()
+        self._lock = threading.Lock()
+
+    def watch(self, source: EndpointHealth) -> Callable[[], None]:
+        with self._lock:
+            self._source = source
+
+        def unwatch() -> None:
+            with self._lock:
+                if self._source is source:
+                    self._source = None
+
+        return unwatch
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            try:
+                health = dict(self._source()) if self._source is not None else {}
+            except Exception as e:  # a scrape must answer
+                log.debug("endpoint health unavailable: %s", type(e).__name__)
+                health = {}
+            labels = {endpoint_label(name): up for name, up in health.items()}
+            for label in self._shown - labels.keys():  # removed since
+                ENDPOINT_UP.remove(label)
+            for label, up in labels.items():
+                ENDPOINT_UP.labels(label).set(1 if up else 0)
+            self._shown = set(labels)
+        return ()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+
+_ENDPOINT_GAUGE = _EndpointGauge()
+REGISTRY.register(_ENDPOINT_GAUGE)
+
+ENDPOINT_UP = Gauge(
+    "hivebridge_endpoint_up",
+    "1 while a remote endpoint is up, 0 while it is down (a request or a probe failed "
+    "on it) or being probed; the same status as !endpoints and the admin API.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+
+
+def watch_endpoints(source: EndpointHealth) -> Callable[[], None]:
+    """Feed ``hivebridge_endpoint_up`` from ``source`` at each scrape; returns the undo."""
+    return _ENDPOINT_GAUGE.watch(source)
 
 
 # Tools ------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class AdminProvider(Protocol):
 
     async def stats(self) -> dict[str, Any]: ...
 
+    async def list_endpoints(self) -> list[dict[str, Any]]: ...
+
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
@@ -121,6 +123,17 @@ class WebServer:
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
 
+    @property
+    def serves(self) -> str:
+        """What this listener serves, for its start line (metrics and admin may differ)."""
+        parts = []
+        if self.serve_metrics:
+            parts.append("metrics")
+        parts.append("health")
+        if self.provider is not None and self._token is not None:
+            parts.append("admin API")
+        return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
+
     def __repr__(self) -> str:  # never show the token
         return f"WebServer({self.hostname}:{self.port}, admin={self._token is not None})"
 
@@ -143,6 +156,7 @@ class WebServer:
             add("GET", f"{API_PREFIX}/rooms", self._auth(self.list_rooms))
             add("POST", f"{API_PREFIX}/rooms/{{room}}/backfill", self._auth(self.backfill))
             add("GET", f"{API_PREFIX}/stats", self._auth(self.stats))
+            add("GET", f"{API_PREFIX}/endpoints", self._auth(self.list_endpoints))
             add("GET", f"{API_PREFIX}/openapi.yaml", self.openapi)
         return app
 
@@ -156,7 +170,7 @@ class WebServer:
         addresses = self._runner.addresses
         if addresses:
             self.port = int(addresses[0][1])
-        log.info("health/admin API listening on %s:%d", self.hostname, self.port)
+        log.info("%s listening on %s:%d", self.serves, self.hostname, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -246,6 +260,9 @@ class WebServer:
 
     async def stats(self, request: web.Request) -> web.Response:
         return _json(await self._need_provider().stats())
+
+    async def list_endpoints(self, request: web.Request) -> web.Response:
+        return _json({"endpoints": await self._need_provider().list_endpoints()})
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The API description; public, since it holds no secrets and helps clients."""

@@ -322,15 +322,23 @@ class ModelCommands:
         await ctx.reply("Endpoints:\n" + "\n".join(lines))
 
     def _endpoint_line(self, info: EndpointInfo, *, full: bool) -> str:
-        """URL, key tail and error detail for trusted users; name, health, models for all."""
-        health = "healthy" if info.healthy else info.state
-        if info.latency_ms is not None:
-            health += f", {info.latency_ms:.0f} ms"
+        """URL, key tail and error detail for trusted users; name, health, models for all.
+
+        The status word is the one the admin API and hivebridge_endpoint_up show."""
+        if info.healthy:
+            health = "healthy"
+            if info.latency_ms is not None:
+                health += f", {info.latency_ms:.0f} ms"
+        else:
+            health = info.status
         models = ", ".join(info.models) or "none"
         if not full:
             return f"{info.name} — {health} — models: {models}"
-        if not info.healthy and info.last_error:
-            health += f" ({info.last_error})"
+        if not info.healthy:
+            if info.last_error:
+                health += f" ({info.last_error})"
+            if info.cooldown_remaining_s > 0:
+                health += f", next probe in {info.cooldown_remaining_s:.0f}s"
         origin = "config" if info.name in self.config_endpoints else "added"
         return (
             f"{info.name} ({origin}) — {safe_url(info.url)} — key {info.masked_key} — "

@@ -81,6 +81,9 @@ class RouterConfig:
     timeouts: EndpointTimeouts = field(default_factory=EndpointTimeouts)
     max_sticky_sessions: int = 10_000
     refresh_interval_s: float = 300.0  # background model discovery; 0 turns it off
+    #: How often endpoints that are down are probed (GET /v1/models) once their
+    #: cooldown is over; a probe that answers brings the endpoint back. 0: never.
+    probe_interval_s: float = 1.0
     #: "sticky" (rendezvous + the endpoint that served the session last) or
     #: "round_robin" (for comparison only: every request to the next endpoint).
     routing: str = "sticky"
@@ -95,13 +98,16 @@ class EndpointInfo:
     name: str
     url: str
     masked_key: str
-    healthy: bool
-    state: str
+    healthy: bool  # status == "up"
+    state: str  # the breaker's: closed, open, half-open
     latency_ms: float | None
     models: tuple[str, ...]
     last_error: str | None
     cooldown_remaining_s: float
     pool: str | None = None
+    #: ``up``, ``down`` (a request failed on it, or its probe did) or ``probing``:
+    #: the one word ``!endpoints``, the admin API and ``hivebridge_endpoint_up`` share.
+    status: str = "up"
 
 
 @dataclass(slots=True)
@@ -135,6 +141,7 @@ class EndpointPool:
         self._aliases: dict[str, str] = {}
         self._sticky: OrderedDict[str, str] = OrderedDict()
         self._refresh_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self._turn = 0  # round robin's position
 
     # --- members ----------------------------------------------------------------------
@@ -213,6 +220,7 @@ class EndpointPool:
             models = await member.deployment.list_models()
         except InferenceError as exc:
             member.breaker.record_failure(str(exc))
+            member.breaker.mark_down(str(exc))  # it did not answer: down until a probe does
             log.warning("model discovery failed: %s", exc)
             return str(exc)
         member.models = list(models)  # failures keep the last known list
@@ -221,9 +229,35 @@ class EndpointPool:
         return None
 
     def start(self) -> None:
-        """Start background rediscovery (``config.refresh_interval_s``)."""
+        """Start background rediscovery (``config.refresh_interval_s``) and the probes of
+        endpoints that are down (``config.probe_interval_s``)."""
         if self.config.refresh_interval_s > 0 and self._refresh_task is None:
             self._refresh_task = asyncio.create_task(self._refresh_loop())
+        if self.config.probe_interval_s > 0 and self._probe_task is None:
+            self._probe_task = asyncio.create_task(self._probe_loop())
+
+    async def probe_down(self) -> dict[str, str | None]:
+        """Probe each endpoint that is down and whose cooldown is over, with the probe
+        slot of its breaker (no request probes it at the same time): an answer brings
+        it back, a failure keeps it down for a longer cooldown. Returns name -> error."""
+        due = [
+            m
+            for m in self._members.values()
+            if m.breaker.state is BreakerState.HALF_OPEN and m.breaker.allow()
+        ]
+        errors = await asyncio.gather(*(self._discover(m) for m in due))
+        for member, error in zip(due, errors, strict=True):
+            if error is None:
+                log.info("endpoint %s is back (its probe answered)", member.name)
+        return {m.name: err for m, err in zip(due, errors, strict=True)}
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.probe_interval_s)
+            try:
+                await self.probe_down()
+            except Exception:
+                log.exception("endpoint probe failed")
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -235,11 +269,12 @@ class EndpointPool:
 
     async def aclose(self) -> None:
         """Stop rediscovery and close every endpoint client."""
-        task, self._refresh_task = self._refresh_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._refresh_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._refresh_task = self._probe_task = None
         for member in list(self._members.values()):
             await _close_quietly(member.deployment)
         self._members.clear()
@@ -274,6 +309,7 @@ class EndpointPool:
             last_error=b.last_error,
             cooldown_remaining_s=round(b.cooldown_remaining(), 2),
             pool=member.pool,
+            status=b.status,
         )
 
     # --- the plan -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
-from .endpoints import EndpointPool, Member
+from .endpoints import EndpointPool, Member, RetryPolicy
 from .generation import StreamingGeneration
 from .health import CircuitBreaker
 from .remote import RemoteError
@@ -118,8 +118,8 @@ class FailoverGeneration(StreamingGeneration):
                 self.stats.mark_first_token()
                 yield piece
         except Exception as exc:
-            if self._served is not None:
-                self._served.breaker.record_failure(str(exc))
+            if self._served is not None:  # the request failed: the endpoint is down now
+                self._served.breaker.mark_down(str(exc))
             if isinstance(exc, InferenceError):
                 raise
             log.warning("backend %s failed mid-stream: %r", self.served_by, exc)
@@ -151,10 +151,32 @@ class FailoverGeneration(StreamingGeneration):
         pool = self.pool
         order = pool.plan(self.model, self.session)
         retry = pool.config.retry
-        attempts = 0
         tried: set[str] = set()
         given_up: set[str] = set()  # non-transient failure: no second try this request
         noted_open: set[str] = set()
+        # Endpoints this request left after a failure. Passive health: once the request
+        # moves on (to another endpoint or a local model) they are marked down at once;
+        # retries within the request still ride out a blip.
+        failed_here: dict[str, str] = {}
+        try:
+            return await self._attempts(order, retry, tried, given_up, noted_open, failed_here)
+        finally:
+            for name, error in failed_here.items():
+                member = pool.member(name)
+                if member is not None:
+                    member.breaker.mark_down(error)
+
+    async def _attempts(
+        self,
+        order: list[str],
+        retry: RetryPolicy,
+        tried: set[str],
+        given_up: set[str],
+        noted_open: set[str],
+        failed_here: dict[str, str],
+    ) -> tuple[str | None, bool]:
+        pool = self.pool
+        attempts = 0
         while attempts < retry.max_attempts:
             progressed = False
             for name in order:
@@ -192,6 +214,7 @@ class FailoverGeneration(StreamingGeneration):
                         member.breaker.record_success()
                         raise  # the request itself is bad: another endpoint would agree
                     member.breaker.record_failure(str(exc), trip=not exc.transient)
+                    failed_here[name] = str(exc)
                     if not exc.transient:
                         given_up.add(name)
                     self._fail(name, str(exc))
@@ -201,6 +224,7 @@ class FailoverGeneration(StreamingGeneration):
                 except InferenceError as exc:
                     await self._release()
                     member.breaker.record_failure(str(exc))
+                    failed_here[name] = str(exc)
                     if not isinstance(exc, BackendUnavailable):
                         given_up.add(name)
                     self._fail(name, str(exc))
@@ -210,6 +234,7 @@ class FailoverGeneration(StreamingGeneration):
                     await self._release()
                     log.warning("endpoint %s failed unexpectedly: %r", name, exc)
                     member.breaker.record_failure(type(exc).__name__)
+                    failed_here[name] = type(exc).__name__
                     given_up.add(name)
                     self._fail(name, f"endpoint {name} failed ({type(exc).__name__})")
                     self._leaving.append(name)
@@ -220,6 +245,7 @@ class FailoverGeneration(StreamingGeneration):
                 )
                 self._probe = None
                 self._served = member
+                failed_here.pop(name, None)  # a retry here worked: a blip, not down
                 pool.remember(self.session, name)
                 self._served_by(name, fallback=False)
                 return first, True

@@ -134,6 +134,24 @@ class CircuitBreaker:
         ):
             self._open(now, self.config.cooldown_s)
 
+    def mark_down(self, error: str) -> None:
+        """Passive health: a request gave up on this endpoint, so it is down now (not
+        after more failures); a probe after the cooldown brings it back."""
+        if self.state is BreakerState.CLOSED:
+            now = self._clock()
+            self.last_error = error
+            self.last_error_at = now
+            self._probe_started = None
+            self._open(now, self.config.cooldown_s)
+
+    @property
+    def status(self) -> str:
+        """One word for people and dashboards: ``up``, ``down`` or ``probing``."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return "up"
+        return "probing" if state is BreakerState.HALF_OPEN and self._probe_busy() else "down"
+
     # --- internals ---------------------------------------------------------------
 
     def _probe_busy(self) -> bool:

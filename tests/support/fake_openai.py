@@ -44,7 +44,8 @@ class FakeOpenAI:
         app.router.add_get("/props", self._props)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        # Port 0 the first time; a restart after stop() binds the same port again.
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         server = site._server
         assert server is not None
@@ -53,6 +54,7 @@ class FakeOpenAI:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
 
     async def _models(self, request: web.Request) -> web.Response:
         ids = self.models or [self.model]

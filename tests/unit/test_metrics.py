@@ -44,6 +44,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hivebridge_endpoint_failovers": ("counter", ("endpoint",)),
     "hivebridge_api_requests": ("counter", ("token", "status")),
     "hivebridge_api_tokens": ("counter", ("token", "kind")),
+    "hivebridge_endpoint_up": ("gauge", ("endpoint",)),
     "hivebridge_tool_calls": ("counter", ("tool", "outcome")),
     "hivebridge_tool_duration_seconds": ("histogram", ("tool",)),
 }

@@ -72,6 +72,7 @@ class FakeDeployment:
     name: str
     served: list[str] = field(default_factory=lambda: ["m"])
     script: list[Exception | int | None] = field(default_factory=list)
+    list_error: InferenceError | None = None
     base_url: str = "http://fake/v1"
     calls: list[tuple[str | None, str | None]] = field(default_factory=list)
     gens: list[FakeGen] = field(default_factory=list)
@@ -81,6 +82,8 @@ class FakeDeployment:
         return "****"
 
     async def list_models(self) -> list[str]:
+        if self.list_error is not None:
+            raise self.list_error
         return list(self.served)
 
     def generate(
@@ -389,3 +392,47 @@ async def test_pool_name_routes_over_its_members_by_inner_name() -> None:
     served = a if gen.served_by == "a" else b
     assert served.calls == [("room", "llama")]  # the replica is asked for its own name
     assert router.pool.pools() == {"gpu": ["a", "b"]}
+
+
+async def test_a_failed_request_marks_the_endpoint_down_at_once() -> None:
+    """Passive health: one request that left an endpoint after failing marks it down
+    (not three), and a probe after the cooldown brings it back."""
+    now = [0.0]
+    a = FakeDeployment("a", script=[down("a")])  # one failure, then the request moves on
+    local = FakeLocal("local")
+    config = RouterConfig(retry=RetryPolicy(max_attempts=1), breaker=BreakerConfig(cooldown_s=5))
+    router = InferenceRouter(fallback=local, config=config, clock=lambda: now[0], sleep=Sleeps())
+    await router.add_deployment(a, models=["m"])
+    gen = router.generate(MSGS, PARAMS, model="m")
+    assert await collect(gen) == "local:x" and gen.failed_over_from == ["a"]
+    info = router.endpoint_info("a")
+    assert info is not None and not info.healthy and info.status == "down"
+    assert info.last_error is not None and "cannot connect" in info.last_error
+
+    assert await router.pool.probe_down() == {}  # still cooling down: no probe yet
+    now[0] += 5.1
+    assert await router.pool.probe_down() == {"a": None}  # it answers /v1/models
+    info = router.endpoint_info("a")
+    assert info is not None and info.healthy and info.status == "up"
+
+
+async def test_a_retry_that_works_is_a_blip_not_down() -> None:
+    a = FakeDeployment("a", script=[down("a")])
+    router, _ = await make_router(a)
+    assert await collect(router.generate(MSGS, PARAMS, model="m")) == "a:ab"
+    info = router.endpoint_info("a")
+    assert info is not None and info.status == "up"
+
+
+async def test_a_failed_probe_keeps_it_down() -> None:
+    now = [0.0]
+    a = FakeDeployment("a")
+    config = RouterConfig(breaker=BreakerConfig(cooldown_s=5))
+    router = InferenceRouter(config=config, clock=lambda: now[0], sleep=Sleeps())
+    await router.add_deployment(a, models=["m"])
+    router.pool.member("a").breaker.mark_down("gone")  # type: ignore[union-attr]
+    now[0] += 5.1
+    a.list_error = down("a")
+    assert await router.pool.probe_down() == {"a": "endpoint a: cannot connect"}
+    info = router.endpoint_info("a")
+    assert info is not None and info.status == "down" and info.cooldown_remaining_s > 5
