@@ -82,6 +82,9 @@ class FakeProvider:
     async def stats(self) -> dict[str, Any]:
         raise RuntimeError("boom: secret internals")
 
+    async def list_endpoints(self) -> list[dict[str, Any]]:
+        return [{"name": "gpu1", "status": "down", "healthy": False}]
+
 
 @pytest.fixture
 def provider() -> FakeProvider:
@@ -341,6 +344,16 @@ def test_default_openapi_path_exists() -> None:
     assert DEFAULT_OPENAPI_PATH.is_file()
 
 
+def test_openapi_names_the_listeners_ports() -> None:
+    """The admin API is served on admin_api.port; /metrics on metrics.port only."""
+    from hivebridge.config import AdminApiConfig, MetricsConfig
+
+    doc = YAML(typ="safe").load(DEFAULT_OPENAPI_PATH.read_text())
+    assert doc["servers"][0]["url"] == f"http://127.0.0.1:{AdminApiConfig().port}"
+    metrics_servers = doc["paths"]["/metrics"]["servers"]
+    assert metrics_servers[0]["url"] == f"http://127.0.0.1:{MetricsConfig().port}"
+
+
 async def test_token_never_logged(
     http: tuple[aiohttp.ClientSession, str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -351,3 +364,19 @@ async def test_token_never_logged(
             assert resp.status in (401, 500)
     assert caplog.records  # the 500 was logged...
     assert TOKEN not in caplog.text  # ...without the token
+
+
+async def test_metrics_and_admin_listeners_say_what_they_serve(
+    provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="hivebridge")
+    metrics_only = WebServer(provider, hostname="127.0.0.1", port=0)
+    admin_only = WebServer(provider, hostname="127.0.0.1", port=0, token=TOKEN, serve_metrics=False)
+    for srv in (metrics_only, admin_only):
+        await srv.start()
+        await srv.stop()
+    lines = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
+    assert lines == [
+        f"metrics and health listening on 127.0.0.1:{metrics_only.port}",
+        f"health and admin API listening on 127.0.0.1:{admin_only.port}",
+    ]
