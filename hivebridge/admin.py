@@ -82,6 +82,7 @@ class BridgeAdmin:
         unload_local: ModelAction,
         prefix: Callable[[], str] = lambda: "!",
         clock: Callable[[], float] = time.time,
+        ours: str | None = None,
     ) -> None:
         """``prefix()``: the command prefix in force, for answers that name a command."""
         self.db = db
@@ -97,6 +98,7 @@ class BridgeAdmin:
         self.load_local = load_local
         self.unload_local = unload_local
         self.clock = clock
+        self.ours = ours  # our own users, tallied apart from people in the stats
         self.started_at = clock()
         self._busy: set[str] = set()  # models being loaded or unloaded
 
@@ -316,7 +318,7 @@ class BridgeAdmin:
     async def stats(self) -> dict[str, Any]:
         """Usage (as ``!stats`` counts it), personas and models, and the local engine."""
         day = utc_day(self.clock())
-        r = await self.usage.report(day, bot_mxid=self.personas.bot_mxid)
+        r = await self.usage.report(day, bot_mxid=self.personas.bot_mxid, ours=self.ours)
         entries = self.catalogue.entries()
         engines: dict[str, Any] = {}
         for name, backend in self.catalogue.local.engines().items():
@@ -331,6 +333,7 @@ class BridgeAdmin:
             "asks": {"total": r.asks, "today": r.asks_today},
             "tokens": {"total": r.tokens, "today": r.tokens_today},
             "top_users": [_tally_json(t) for t in r.top_users],
+            "asked_by_personas": [_tally_json(t) for t in r.persona_askers],
             "by_persona": [_tally_json(t) for t in r.personas],
             "by_model": [_tally_json(t) for t in r.models],
             "personas": len(self.personas.all()),

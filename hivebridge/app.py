@@ -52,7 +52,7 @@ from .db.summaries import SummaryStore
 from .db.tool_calls import ToolCallStore
 from .db.trust import TrustStore
 from .db.txns import TxnStore
-from .db.usage import RateLimitStore, UsageStore
+from .db.usage import RateLimitStore, UsageStore, users_like
 from .handler.encrypted import EncryptedRoomNotices, UnreadableMessages
 from .handler.handled import HandledMarks
 from .handler.membership import MembershipHandler
@@ -429,7 +429,8 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
     )
     model_commands.register(commands)
     LocalModelCommands(config, catalogue, models).register(commands)
-    StatsCommands(usage, config.bot_mxid).register(commands)
+    ours = users_like(config.appservice.user_prefix, config.homeserver.domain)
+    StatsCommands(usage, config.bot_mxid, ours=ours).register(commands)
     ReloadCommands(reloader.reload).register(commands)
 
     def default_model(c: Config) -> None:
@@ -456,6 +457,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         load_local=lambda name: models.load(name),
         unload_local=models.unload,
         prefix=lambda: commands.prefix,
+        ours=ours,
     )
     return Parts(
         config=config,

@@ -417,6 +417,53 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True)
+class LimitOverride:
+    """Limits of one user, room or persona, over the defaults of ``limits``.
+
+    Exactly one of ``user`` (a user id), ``room`` (a room id) or ``persona`` (a
+    persona name) says whom it is for; unset values keep the defaults.
+    ``requests_per_minute``/``burst`` is the request rate of each user: that user
+    (``user``), each user in that room (``room``), or each user asking that persona
+    (``persona``); the first that matches wins in that order. ``tokens_per_day``
+    is the daily budget of that user, that room or that persona.
+    """
+
+    user: str | None = None
+    room: str | None = None
+    persona: str | None = None
+    #: 0 turns the request limit off for whom this matches.
+    requests_per_minute: float | None = None
+    burst: int | None = None
+    #: 0 means unlimited for whom this matches.
+    tokens_per_day: int | None = None
+
+    @property
+    def scope(self) -> str:
+        return "user" if self.user else "room" if self.room else "persona"
+
+    @property
+    def key(self) -> str:
+        return self.user or self.room or self.persona or ""
+
+    def validate(self, where: str) -> None:
+        set_ = [k for k in ("user", "room", "persona") if getattr(self, k)]
+        if len(set_) != 1:
+            raise ConfigError(where, "needs exactly one of user, room or persona")
+        if self.user and not re.match(r"^@[^:\s]+:[^\s]+$", self.user):
+            raise ConfigError(f"{where}.user", f"{self.user!r} is not a user id (@user:server)")
+        if self.room and not re.match(r"^![^:\s]+:[^\s]+$", self.room):
+            raise ConfigError(f"{where}.room", f"{self.room!r} is not a room id (!room:server)")
+        if self.persona and not _LOCALPART_RE.match(self.persona):
+            raise ConfigError(f"{where}.persona", f"{self.persona!r} is not a persona name")
+        if self.requests_per_minute is not None and self.requests_per_minute < 0:
+            raise ConfigError(f"{where}.requests_per_minute", "must be 0 (off) or more")
+        if self.burst is not None and self.burst < 1:
+            raise ConfigError(f"{where}.burst", "must be at least 1")
+        if self.tokens_per_day is not None and self.tokens_per_day < 0:
+            raise ConfigError(f"{where}.tokens_per_day", "must be 0 (unlimited) or more")
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """Per-user request rates and daily token budgets, so one user cannot starve the rest."""
 
@@ -430,10 +477,20 @@ class LimitsConfig:
     persona_tokens_per_day: int | None = None
     #: Owners are never limited.
     exempt_owners: bool = True
+    #: Other limits for some users, rooms or personas (see :class:`LimitOverride`).
+    overrides: tuple[LimitOverride, ...] = ()
 
     def validate(self) -> None:
         if self.requests_per_minute < 0:
             raise ConfigError("limits.requests_per_minute", "must be 0 (off) or more")
+        seen: set[tuple[str, str]] = set()
+        for i, override in enumerate(self.overrides):
+            override.validate(f"limits.overrides[{i}]")
+            if (override.scope, override.key) in seen:
+                raise ConfigError(
+                    f"limits.overrides[{i}]", f"a second override for {override.key}"
+                )
+            seen.add((override.scope, override.key))
         if self.burst is not None and self.burst < 1:
             raise ConfigError("limits.burst", "must be at least 1")
         for name in ("user_tokens_per_day", "room_tokens_per_day", "persona_tokens_per_day"):

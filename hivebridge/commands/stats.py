@@ -13,11 +13,19 @@ from .parser import CommandSpec, ParsedCommand
 
 class StatsCommands:
     def __init__(
-        self, usage: UsageStore, bot_mxid: str, clock: Callable[[], float] = time.time
+        self,
+        usage: UsageStore,
+        bot_mxid: str,
+        clock: Callable[[], float] = time.time,
+        *,
+        ours: str | None = None,
     ) -> None:
+        """``ours``: a :func:`~hivebridge.db.usage.users_like` pattern of our own users,
+        so personas answering personas are not listed among the people."""
         self.usage = usage
         self.bot_mxid = bot_mxid
         self.clock = clock
+        self.ours = ours
 
     def register(self, table: CommandTable) -> None:
         table.add(
@@ -27,7 +35,7 @@ class StatsCommands:
 
     async def stats(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         day = utc_day(self.clock())
-        r = await self.usage.report(day, bot_mxid=self.bot_mxid)
+        r = await self.usage.report(day, bot_mxid=self.bot_mxid, ours=self.ours)
         lines = [
             f"Usage (total / today, UTC {day}):",
             f"messages: {r.messages} / {r.messages_today}",
@@ -36,6 +44,8 @@ class StatsCommands:
             f"tokens: {r.tokens} / {r.tokens_today}",
         ]
         sections = [("per persona", r.personas), ("per model", r.models)]
+        if self.ours is not None:  # a persona answering a persona is no user's request
+            sections.append(("asked by personas", r.persona_askers))
         if ctx.trusted:  # who talks how much is not every room member's business
             sections.insert(0, ("top users", r.top_users))
         for title, tallies in sections:

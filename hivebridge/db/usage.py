@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mautrix.util.async_db import Database
@@ -52,9 +52,22 @@ class UsageReport:
     asks_today: int
     tokens: int
     tokens_today: int
+    #: People who asked most (personas answering personas are not among them) ...
     top_users: list[Tally]
     personas: list[Tally]
     models: list[Tally]
+    #: ... and the personas that were answered by other personas, apart.
+    persona_askers: list[Tally] = field(default_factory=list)
+
+
+def users_like(prefix: str, domain: str) -> str:
+    """A LIKE pattern (escape ``\\``) matching every user of our namespace:
+    ``@<prefix>…:<domain>``, the bot and every persona."""
+    return f"@{_like_escape(prefix)}%:{_like_escape(domain)}"
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 _TOKENS = "(prompt_tokens + completion_tokens)"
@@ -89,8 +102,13 @@ class UsageStore:
         )
         return int(total or 0)
 
-    async def report(self, day: str, *, bot_mxid: str, top: int = 5) -> UsageReport:
-        """Totals and today's figures; messages are those people sent (not bot or personas)."""
+    async def report(
+        self, day: str, *, bot_mxid: str, top: int = 5, ours: str | None = None
+    ) -> UsageReport:
+        """Totals and today's figures; messages are those people sent (not bot or personas).
+
+        ``ours``: a :func:`users_like` pattern of our own users; the requests they made
+        (a persona answering a persona) are tallied apart from the people's."""
         msg = await self.db.fetchrow(
             "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN ts >= $1 THEN 1 ELSE 0 END), 0) AS t "
             "FROM messages WHERE persona IS NULL AND sender <> $2",
@@ -119,20 +137,37 @@ class UsageStore:
             asks_today=count("ask", "n_today"),
             tokens=sum(int(r["tok"]) for r in kinds),
             tokens_today=sum(int(r["tok_today"]) for r in kinds),
-            top_users=await self._tally("user_id", day, limit=top),
+            top_users=await self._tally("user_id", day, limit=top, ours=ours, mine=False),
             personas=await self._tally("persona", day),
             models=await self._tally("model", day),
+            persona_askers=(
+                await self._tally("user_id", day, limit=top, ours=ours, mine=True) if ours else []
+            ),
         )
 
-    async def _tally(self, column: str, day: str, limit: int | None = None) -> list[Tally]:
+    async def _tally(
+        self,
+        column: str,
+        day: str,
+        limit: int | None = None,
+        *,
+        ours: str | None = None,
+        mine: bool = False,
+    ) -> list[Tally]:
+        """Groups by ``column``; with ``ours``, only our own users (``mine``) or only others."""
         assert column in ("user_id", "persona", "model")
+        where = f"{column} IS NOT NULL"
+        args: list[Any] = [day]
+        if ours is not None:
+            args.append(ours)
+            where += f" AND {'' if mine else 'NOT '}(user_id LIKE $2 ESCAPE '\\')"
         rows = await self.db.fetch(
             f"SELECT {column} AS k, COUNT(*) AS n, COALESCE(SUM{_TOKENS}, 0) AS tok, "
             "COALESCE(SUM(CASE WHEN day=$1 THEN 1 ELSE 0 END), 0) AS n_today, "
             f"COALESCE(SUM(CASE WHEN day=$1 THEN {_TOKENS} ELSE 0 END), 0) AS tok_today "
-            f"FROM usage WHERE {column} IS NOT NULL GROUP BY {column} "
+            f"FROM usage WHERE {where} GROUP BY {column} "
             f"ORDER BY COUNT(*) DESC, {column}" + (f" LIMIT {int(limit)}" if limit else ""),
-            day,
+            *args,
         )
         return [
             Tally(r["k"], int(r["n"]), int(r["tok"]), int(r["n_today"]), int(r["tok_today"]))

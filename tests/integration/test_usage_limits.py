@@ -193,3 +193,153 @@ def test_config_reads_endpoints_and_limits(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_config(path, env={})
         assert err.value.key == key, (bad, str(err.value))
+
+
+async def test_overrides_by_user_room_and_persona(db_url: str) -> None:
+    from hivebridge.config import LimitOverride
+
+    clock = Clock()
+    db = await open_database(db_url)
+    try:
+        limits = limits_on(
+            db,
+            clock,
+            requests_per_minute=1,
+            user_tokens_per_day=100,
+            overrides=(
+                LimitOverride(user="@vip:x", requests_per_minute=3, tokens_per_day=0),
+                LimitOverride(room="!busy:x", requests_per_minute=2),
+                LimitOverride(persona="costly", requests_per_minute=0, tokens_per_day=10),
+                LimitOverride(room="!quiet:x", tokens_per_day=20),
+            ),
+        )
+        await limits.load()
+
+        async def allowed(user: str, room: str, persona: str = "ada", n: int = 10) -> int:
+            """How many requests in a row are let through."""
+            for i in range(n):
+                if not (await limits.check(user, room, persona)).allowed:
+                    return i
+            return n
+
+        assert await allowed("@u:x", "!r:x", n=1) == 1  # the default: 1 a minute
+        refused = await limits.check("@u:x", "!r:x", "ada")
+        assert "limit of 1 requests per minute" in refused.message
+        assert await allowed("@vip:x", "!r:x") == 3  # the user's own rate, wherever
+        assert await allowed("@vip:x", "!busy:x") == 0  # ... its bucket is spent
+        assert await allowed("@w:x", "!busy:x") == 2  # each user in that room: 2 a minute
+        assert await allowed("@w:x", "!other:x") == 1  # elsewhere the default, its own bucket
+        assert await allowed("@w:x", "!r:x", "costly") == 10  # no rate for that persona
+
+        record = dict(model="m1", kind="reply")
+        await limits.record(
+            user="@vip:x",
+            room_id="!r:x",
+            persona="ada",
+            prompt_tokens=500,
+            completion_tokens=0,
+            **record,
+        )  # type: ignore[arg-type]
+        clock.now += 61
+        assert (await limits.check("@vip:x", "!r:x", "ada")).allowed  # 0: unlimited budget
+        await limits.record(
+            user="@w:x",
+            room_id="!r:x",
+            persona="costly",
+            prompt_tokens=10,
+            completion_tokens=0,
+            **record,
+        )  # type: ignore[arg-type]
+        over = await limits.check("@z:x", "!r:x", "costly")
+        assert not over.allowed and "costly's daily token budget (10 tokens)" in over.message
+        await limits.record(
+            user="@y:x",
+            room_id="!quiet:x",
+            persona="ada",
+            prompt_tokens=20,
+            completion_tokens=0,
+            **record,
+        )  # type: ignore[arg-type]
+        quiet = await limits.check("@z:x", "!quiet:x", "ada")
+        assert not quiet.allowed and "this room's daily token budget (20 tokens)" in quiet.message
+        assert (await limits.check("@z:x", "!r:x", "ada")).allowed
+    finally:
+        await db.stop()
+
+
+async def test_personas_answering_personas_cost_no_human_anything(db_url: str) -> None:
+    """A human starts a chain; the personas' answers to each other are recorded as asked
+    by the persona, so the human's rate and budget pay for the first answer only, and
+    !stats lists the people apart from the personas."""
+    from hivebridge.db.usage import users_like
+
+    clock = Clock()
+    db = await open_database(db_url)
+    try:
+        limits = limits_on(db, clock, requests_per_minute=2, user_tokens_per_day=100)
+        record = dict(room_id="!r:x", model="m1", kind="reply")
+        assert (await limits.check("@u:x", "!r:x", "a")).allowed  # the human asks a
+        await limits.record(
+            user="@u:x", persona="a", prompt_tokens=30, completion_tokens=10, **record
+        )  # type: ignore[arg-type]
+        for n in range(20):  # a and b answer each other: the asker is a persona
+            asker, answerer = ("@hive_a:x", "b") if n % 2 == 0 else ("@hive_b:x", "a")
+            assert (await limits.check(None, "!r:x", answerer)).allowed
+            await limits.record(
+                user=asker, persona=answerer, prompt_tokens=30, completion_tokens=10, **record
+            )  # type: ignore[arg-type]
+        assert (await limits.check("@u:x", "!r:x", "a")).allowed  # 1 of 2 requests, 40 tokens
+        assert await UsageStore(db).tokens_on("2026-11-22", "user_id", "@u:x") == 40
+
+        r = await UsageStore(db).report(
+            "2026-11-22", bot_mxid="@hive_bot:x", ours=users_like("hive_", "x")
+        )
+        assert [(t.key, t.requests) for t in r.top_users] == [("@u:x", 1)]
+        assert sorted((t.key, t.requests) for t in r.persona_askers) == [
+            ("@hive_a:x", 10),
+            ("@hive_b:x", 10),
+        ]
+        assert r.replies == 21
+        # A user whose name only looks like ours (another server, or an escaped "_") is a person.
+        await limits.record(
+            user="@hive_x:y", persona="a", prompt_tokens=1, completion_tokens=0, **record
+        )  # type: ignore[arg-type]
+        await limits.record(
+            user="@hiveZx:x", persona="a", prompt_tokens=1, completion_tokens=0, **record
+        )  # type: ignore[arg-type]
+        r = await UsageStore(db).report(
+            "2026-11-22", bot_mxid="@hive_bot:x", ours=users_like("hive_", "x")
+        )
+        assert {t.key for t in r.top_users} == {"@u:x", "@hive_x:y", "@hiveZx:x"}
+    finally:
+        await db.stop()
+
+
+def test_config_reads_limit_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    head = "homeserver: {address: 'http://h:8008', domain: x}\n"
+    path.write_text(
+        head + "limits:\n  overrides:\n"
+        "    - {user: '@vip:x', requests_per_minute: 60, burst: 20, tokens_per_day: 0}\n"
+        "    - {room: '!busy:x', requests_per_minute: 2}\n"
+        "    - {persona: costly, tokens_per_day: 5000}\n"
+    )
+    overrides = load_config(path, env={}).limits.overrides
+    assert [(o.scope, o.key) for o in overrides] == [
+        ("user", "@vip:x"),
+        ("room", "!busy:x"),
+        ("persona", "costly"),
+    ]
+    for bad, key in (
+        ("[{requests_per_minute: 1}]", "limits.overrides[0]"),
+        ("[{user: '@a:x', room: '!r:x'}]", "limits.overrides[0]"),
+        ("[{user: alice}]", "limits.overrides[0].user"),
+        ("[{room: '#alias:x'}]", "limits.overrides[0].room"),
+        ("[{persona: 'Bad Name'}]", "limits.overrides[0].persona"),
+        ("[{user: '@a:x', burst: 0}]", "limits.overrides[0].burst"),
+        ("[{user: '@a:x'}, {user: '@a:x'}]", "limits.overrides[1]"),
+    ):
+        path.write_text(head + f"limits: {{overrides: {bad}}}\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(path, env={})
+        assert err.value.key == key, (bad, str(err.value))
