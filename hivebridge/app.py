@@ -633,29 +633,10 @@ class Bridge:
 
     async def _start_api(self, p: Parts, stack: AsyncExitStack) -> None:
         """The OpenAI-compatible API on the local engines, when enabled (docs/scale-out.md)."""
-        cfg = self.config.api
-        if not cfg.enabled:
+        if not self.config.api.enabled:
             return
-        tokens = []
-        for t in cfg.tokens:
-            secret = t.resolved()
-            if not secret:
-                log.warning("api token %s has no secret (is %s set?); skipped", t.name, t.token_env)
-                continue
-            tokens.append(
-                ApiToken(t.name, secret, t.requests_per_minute, t.max_concurrent, t.tokens_per_day)
-            )
-        settings = ApiSettings(
-            hostname=cfg.hostname,
-            port=cfg.port,
-            priority=cfg.priority,
-            session_header=cfg.session_header,
-            max_tokens_limit=cfg.max_tokens_limit,
-            default_max_tokens=self.config.inference.max_tokens,
-        )
-        personas = api_personas(p) if cfg.personas else None
-        hooks = ApiHooks(request=metrics.count_api_request, tokens=metrics.count_api_tokens)
-        server = ApiServer(ApiModels(p.models, personas), tokens, settings, hooks=hooks)
+        personas = api_personas(p) if self.config.api.personas else None
+        server = api_server(self.config, ApiModels(p.models, personas))
         await server.start()
         stack.push_async_callback(server.stop)
 
@@ -734,6 +715,75 @@ class Bridge:
     def hurry(self) -> None:
         """Cut the shutdown grace short (a second SIGTERM or SIGINT)."""
         self._hurry.set()
+
+
+def api_server(config: Config, models: ApiModels) -> ApiServer:
+    """The API server of ``config.api``: its tokens (those with a secret), settings, metrics."""
+    cfg = config.api
+    tokens = []
+    for t in cfg.tokens:
+        secret = t.resolved()
+        if not secret:
+            log.warning("api token %s has no secret (is %s set?); skipped", t.name, t.token_env)
+            continue
+        tokens.append(
+            ApiToken(t.name, secret, t.requests_per_minute, t.max_concurrent, t.tokens_per_day)
+        )
+    settings = ApiSettings(
+        hostname=cfg.hostname,
+        port=cfg.port,
+        priority=cfg.priority,
+        session_header=cfg.session_header,
+        max_tokens_limit=cfg.max_tokens_limit,
+        default_max_tokens=config.inference.max_tokens,
+    )
+    hooks = ApiHooks(request=metrics.count_api_request, tokens=metrics.count_api_tokens)
+    return ApiServer(models, tokens, settings, hooks=hooks)
+
+
+class ApiNode:
+    """``hivebridge serve-api``: only the local models and the OpenAI-compatible API.
+
+    An inference node of a pool (docs/scale-out.md): no homeserver, no database,
+    no personas; the bridges in front of it route rooms to it with affinity.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stack = AsyncExitStack()
+
+    async def start(self) -> None:
+        try:
+            models = LocalModels(
+                model_sources(self.config),
+                engine_settings(self.config),
+                memory_budget=self.config.inference.local.memory_budget_bytes,
+                profiles=worker_profiles(self.config),
+                unload_grace_s=self.config.inference.local.unload_grace_s,
+                hooks=model_hooks(),
+            )
+            self._stack.push_async_callback(models.close)
+            await models.rescan()
+            default = models.default_model
+            if default is not None:
+                await models.load(default)
+            server = api_server(self.config, ApiModels(models))
+            await server.start()
+            self._stack.push_async_callback(server.stop)
+            m = self.config.metrics
+            if m.enabled:  # /metrics and /health/live, as the bridge has them
+                web = WebServer(None, hostname=m.hostname, port=m.port)
+                await web.start()
+                self._stack.push_async_callback(web.stop)
+            stop_watch = metrics.watch_engines(lambda: engine_loads(models.engines()))
+            self._stack.callback(stop_watch)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        stack, self._stack = self._stack, AsyncExitStack()
+        await stack.aclose()
 
 
 class Service(Protocol):

@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the bridge (default)")
     sub.add_parser("migrate", help="bring the database schema up to date and exit")
+    sub.add_parser(
+        "serve-api",
+        help="serve only the OpenAI-compatible API on the local models (an inference node: "
+        "no homeserver, no database; docs/scale-out.md)",
+    )
     demo = sub.add_parser(
         "demo", help="start a private Synapse and the bridge, and have a persona answer"
     )
@@ -74,6 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .registration import load_tokens
 
         setup_logging(config.logging.level)
+        redactor.add(*(t.resolved() for t in config.api.tokens))
+        if args.command == "serve-api":
+            from .app import ApiNode, serve
+
+            if not config.api.tokens:
+                raise ConfigError("api.tokens", "serve-api needs at least one token")
+            config.make_data_dir()
+            return asyncio.run(serve(ApiNode(config)))
         redactor.add(
             *load_tokens(config, args.registration),
             config.admin_api.token,

@@ -8,6 +8,8 @@ aiohttp on 127.0.0.1 into the engine's continuous batch.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,3 +291,39 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_sequence(api: Api)
     state = await engine.inspect()
     assert state["active"] == 0 and state["busy"] == 0 and state["waiting"] == 0
     assert engine.load.active == 0
+
+
+async def test_serve_api_is_an_inference_node(tmp_path: Path) -> None:
+    """``hivebridge serve-api``: only the local models and the API, no homeserver at all."""
+    from hivebridge.devserver.process import ManagedProcess, free_port
+
+    port = free_port()
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        "homeserver: {address: 'http://127.0.0.1:9', domain: node.invalid}\n"
+        f"data_dir: {tmp_path / 'data'}\n"
+        "inference: {local: {n_ctx: 2048, n_seq_max: 2, threads: 1}}\n"
+        "metrics: {enabled: false}\n"
+        f"api: {{enabled: true, port: {port}, tokens: [{{name: t, token_env: NODE_TOKEN}}]}}\n"
+    )
+    env = {**os.environ, "NODE_TOKEN": KEY}
+    proc = ManagedProcess(
+        [sys.executable, "-m", "hivebridge", "-c", str(config), "serve-api"],
+        log_path=tmp_path / "node.log",
+        env=env,
+        name="serve-api",
+    )
+    proc.spawn()
+    try:
+        await proc.wait_http(f"http://127.0.0.1:{port}/health", 60)
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0
+        ) as node:
+            assert [m.id for m in (await node.models.list()).data] == [BUNDLED_MODEL_NAME]
+            done = await node.chat.completions.create(
+                model=BUNDLED_MODEL_NAME, messages=HI, max_tokens=2, temperature=0
+            )
+            assert done.usage is not None and done.usage.completion_tokens >= 1
+    finally:
+        proc.stop()
+    assert KEY not in (tmp_path / "node.log").read_text()

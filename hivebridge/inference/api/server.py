@@ -111,9 +111,9 @@ class ApiServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.hostname, self.settings.port)
         await site.start()
-        server = site._server
-        if server is not None and self.settings.port == 0:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
         log.info("OpenAI-compatible API listening on %s", self.base_url)
 
     async def stop(self) -> None:
