@@ -113,7 +113,9 @@ async def main() -> None:
     async def engine_round(rnd: int) -> int:
         async def one(c: int) -> int:
             msgs = [ChatMessage("system", PERSONA), ChatMessage("user", question(c, rnd, "eng"))]
-            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.7, seed=c * 31 + rnd)
+            params = SamplingParams(
+                max_tokens=MAX_TOKENS, temperature=0.7, seed=c * 31 + rnd, repeat_penalty=1.0
+            )
             gen = engine.generate(msgs, params, session=f"engine{c}", ignore_eos=True)
             await collect(gen)
             return gen.stats.completion_tokens

@@ -60,7 +60,8 @@ async def test_a_stopped_server_moves_only_its_rooms_once(servers: list[LlamaSer
     try:
         for name, server in zip(NODES, servers, strict=True):
             info = await router.add_endpoint(name, server.base_url, pool="pool")
-            assert info.models == (ALIAS,) and info.pool == "pool"
+            assert info.pool == "pool" and info.healthy
+        assert sorted(router.plan(MODEL)) == list(NODES)  # one model, three replicas
         # Rooms chosen so each node is home to some: rendezvous order decides, not luck.
         rooms: dict[str, list[str]] = {n: [] for n in NODES}
         i = 0
