@@ -8,9 +8,10 @@ binary, else ``python -m llama_cpp.server --cache true``. Every slot is warmed
 with the persona's prompt first, so both modes start from the same state.
 
 12 rooms x 6 turns (each room one persona conversation, rooms concurrent
-within a turn) go through :class:`InferenceRouter` with the endpoints in one
-pool, once with sticky/rendezvous routing and once round robin, each on fresh
-servers. Measured per mode: prompt tokens the servers evaluated (llama-server's
+within a turn, in a different order each turn) go through the bridge's
+:class:`InferenceRouter` with the endpoints in one pool, once with
+sticky/rendezvous routing and once round robin, each on fresh servers.
+Measured per mode: prompt tokens the servers evaluated (llama-server's
 ``llamacpp:prompt_tokens_total``; the router's usage figures otherwise) and
 time to first token p50/p95. Then, sticky again on fresh servers, one server
 is stopped after turn 3: every room must still be answered; the rooms of the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import statistics
 import sys
@@ -205,8 +207,11 @@ async def run_mode(
                     log(f"stopping {victim.name} (pid {victim.proc.pid}) after turn {turn}")
                     victim.stop()
                     stopped = victim.name
+                # Rooms speak in a different order each turn, as they do: with a fixed
+                # order round robin would give every room the same server every turn.
+                order = random.Random(turn).sample(range(ROOMS), ROOMS)
                 t0 = now()
-                await asyncio.gather(*(ask(r, turn) for r in range(ROOMS)))
+                await asyncio.gather(*(ask(r, turn) for r in order))
                 log(f"{routing}: turn {turn + 1} in {now() - t0:.1f}s")
             after = await evaluated_by_servers(http, nodes) if stopped is None else None
     finally:
