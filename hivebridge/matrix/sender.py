@@ -134,10 +134,15 @@ def fitted(
     if size(content.serialize()) <= MAX_CONTENT_BYTES:
         return content
     content = build(text, None)
+    shortened = False
     while size(content.serialize()) > MAX_CONTENT_BYTES and len(text) > 1:
-        text = text[: len(text) * 3 // 4]
+        text, shortened = text[: len(text) * 3 // 4], True
         content = build(text + " …", None)
-    log.warning("a message over %d bytes was shortened to fit one event", MAX_CONTENT_BYTES)
+    log.warning(
+        "a message over %d bytes was sent %s to fit one event",
+        MAX_CONTENT_BYTES,
+        "shortened, without HTML," if shortened else "without HTML",
+    )
     return content
 
 
