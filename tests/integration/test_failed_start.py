@@ -88,3 +88,17 @@ def test_a_port_already_taken_exits_1_with_one_line(tmp_path: Path) -> None:
     assert code == 1, stderr
     assert len(errors) == 1 and "hivebridge could not start" in errors[0], stderr
     assert "Traceback" not in stderr
+
+
+def test_a_database_that_cannot_be_reached_exits_1_with_one_line(tmp_path: Path) -> None:
+    config_path, registration = write_config(tmp_path)
+    data = YAML().load(config_path.read_text())
+    data["database"] = {"url": f"postgres://127.0.0.1:{free_port()}/nowhere"}
+    with open(config_path, "w") as fh:
+        YAML().dump(data, fh)
+    code, stderr, took = run_bridge(config_path, registration)
+    print(f"failed start took {took:.1f}s")
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert code == 1, stderr
+    assert len(errors) == 1 and "hivebridge could not start" in errors[0], stderr
+    assert "Traceback" not in stderr
