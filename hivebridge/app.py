@@ -410,6 +410,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         toolbox.approvals,
         on_encrypted=on_encrypted,
         summarizer=summarizer,
+        forget_kv=models.forget_sessions,
     )
     RoomCommands(rooms, handler.forget_room).register(commands)
     MetaCommands(commands).register(commands)

@@ -55,12 +55,14 @@ class RoomEventHandler:
         *,
         on_encrypted: Callable[[str, Event], Awaitable[None]] | None = None,
         summarizer: Summarizer | None = None,
+        forget_kv: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         """``approvals``: answers to tool approvals are taken as they arrive, ahead of
         the room's queue (the reply waiting for one holds that queue).
         ``on_encrypted(room_id, event)``: an ``m.room.encrypted`` event, in room order;
         None ignores them. ``summarizer``: its jobs and summaries of a room forget a
-        redacted message."""
+        redacted message; so does ``forget_kv(session_prefix)`` for the local engines'
+        cached KV and snapshots of the room."""
         self.approvals = approvals
         self.members = members
         self.membership = membership
@@ -68,6 +70,7 @@ class RoomEventHandler:
         self.handled = handled
         self.on_encrypted = on_encrypted
         self.summarizer = summarizer
+        self.forget_kv = forget_kv
         # Messages a redaction named while they may still wait in a queue: their row
         # (blanked by intake if the redaction holds) is read again before routing.
         self._redacted: RecentSet[str] = RecentSet(4096)
@@ -191,6 +194,8 @@ class RoomEventHandler:
             return  # unknown here, or a redaction its sender had no right to make
         if self.summarizer is not None:
             await self.summarizer.forget_since(room_id, row.ts)
+        if self.forget_kv is not None:
+            await self.forget_kv(f"{room_id}|")  # sessions are room|persona, room|summary
 
     async def drain(self) -> None:
         """Wait until everything queued is handled and marked so in the database."""

@@ -256,6 +256,26 @@ async def test_evicted_room_is_restored_from_ram_snapshot() -> None:
         await fresh.stop()
 
 
+async def test_forgetting_a_room_drops_its_sequences_and_snapshots() -> None:
+    """A redaction in a room: its cached KV (resident or snapshotted) is dropped."""
+    eng = await started(settings(n_seq_max=3, min_snapshot_tokens=8, min_restore_gain=4))
+    try:
+        convo = [ChatMessage("user", "Tell me a story about a brave little toaster.")]
+        await run(eng, convo, session="!a:x|@p:x")
+        for i in range(1, 4):  # push the room out of the 3 sequences: a RAM snapshot
+            await run(eng, [ChatMessage("user", f"What is {i} times 7?")], session=f"!b{i}:x|@p:x")
+        await run(eng, [ChatMessage("user", "And a second room?")], session="!a:x|summary")
+        before = (await eng.inspect())["snapshots"]
+        assert await eng.forget_sessions("!a:x|") == 2  # one snapshot, one idle sequence
+        assert (await eng.inspect())["snapshots"] == before - 1
+        prompt = eng.prepare(convo, GREEDY.max_tokens).tokens
+        _, stats = await run(eng, convo, session="!a:x|@p:x")
+        assert stats.cached_tokens < len(prompt) - 8  # the room's own words evaluated afresh
+        assert await eng.forget_sessions("!nothing:x|") == 0
+    finally:
+        await eng.stop()
+
+
 async def test_stop_strings_cut_without_leaking(engine: LocalEngine) -> None:
     msgs = [ChatMessage("user", "Write a sentence about the moon.")]
     full, _ = await run(engine, msgs, max_tokens=30)

@@ -163,3 +163,21 @@ def test_snapshot_files_are_private_and_fsynced(tmp_path: Path, monkeypatch: Any
     assert replaced == [True]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_a_rooms_snapshots_are_forgotten_in_ram_and_on_disk(tmp_path: Path) -> None:
+    """A redaction: nothing of the room's conversation may stay, not even as KV."""
+    s = store(tmp_path, ram=150)
+    s.put((1, 2, 3), b"a" * 100, "room", session="!r1:x|@p:x")
+    s.put((4, 5, 6), b"b" * 100, "room", session="!r2:x|@p:x")  # spills r1 to disk
+    s.put((7, 8, 9), b"c" * 100, "persona")
+    s.flush()
+    s.close()
+    again = store(tmp_path, ram=150)  # the spilled file remembers whose it is
+    assert again.match([1, 2, 3])[1] == 3
+    again.put((1, 2, 3, 4), b"d" * 10, "room", session="!r1:x|summary")
+    assert again.discard_sessions("!r1:x|") == 2
+    assert again.match([1, 2, 3, 4]) == (None, 0)
+    assert len(again.personas()) == 1
+    again.flush()
+    assert len(list(tmp_path.glob("*.hbsq"))) == 1  # the persona prefix only

@@ -199,10 +199,23 @@ class Admission:
             kind: Kind = "persona" if seq.state is SeqState.PINNED else "room"
             if not store.has(tokens, "persona"):
                 try:
-                    store.put(tokens, self.pool.state_bytes(seq), kind)
+                    store.put(tokens, self.pool.state_bytes(seq), kind, session=seq.session)
                 except Exception:
                     log.exception("snapshot of sequence %d failed; dropping it", seq.id)
         self.pool.clear(seq)
+
+    def forget_sessions(self, prefix: str) -> int:
+        """Drop the idle sequences and room snapshots of sessions starting with ``prefix``
+        (a redaction): nothing of them stays in the KV, RAM or on disk. A running
+        request keeps its sequence; what it reuses next time no longer matches."""
+        dropped = 0
+        for seq in self.pool.seqs:
+            if seq.state is SeqState.IDLE and (seq.session or "").startswith(prefix):
+                self.pool.clear(seq)
+                dropped += 1
+        if self.store is not None:
+            dropped += self.store.discard_sessions(prefix)
+        return dropped
 
     def maybe_pin(self, req: Request) -> None:
         """Once the request's KV covers its system block, fork it into a pinned persona."""

@@ -431,6 +431,10 @@ class LocalEngine:
         self._send(_Submit(req))
         return gen
 
+    async def forget_sessions(self, prefix: str) -> int:
+        """Forget the cached KV and snapshots of sessions starting with ``prefix``."""
+        return int(await self.call(lambda s: s.forget_sessions(prefix)))
+
     async def inspect(self) -> dict[str, Any]:
         """Scheduler state (sequence counts, KV use, counters), read on the engine thread."""
         return dict(await self.call(lambda s: s.state()))

@@ -232,6 +232,17 @@ class LocalModels:
             if w.engine is not None and w.state is LoadState.LOADED
         }
 
+    async def forget_sessions(self, prefix: str) -> int:
+        """Every loaded engine forgets the KV and snapshots of sessions starting with
+        ``prefix`` (sessions are ``room|persona``: a room's prefix is ``room|``)."""
+        dropped = 0
+        for engine in self.engines().values():
+            try:
+                dropped += await engine.forget_sessions(prefix)
+            except InferenceError as e:  # unloading or failed: its KV goes with it anyway
+                log.debug("could not forget sessions on an engine: %s", e)
+        return dropped
+
     def used_bytes(self) -> int:
         return sum(w.estimate_bytes for w in self._workers.values())
 

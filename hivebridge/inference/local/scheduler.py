@@ -97,6 +97,10 @@ class Scheduler:
         for req in [*self.waiting, *self.active]:
             self._finish(req, "error", exc)
 
+    def forget_sessions(self, prefix: str) -> int:
+        """See :meth:`Admission.forget_sessions`."""
+        return self.admission.forget_sessions(prefix)
+
     def restore_personas(self) -> int:
         """At start: put persona prefixes saved on disk back into pinned sequences."""
         return self.admission.restore_personas()

@@ -53,6 +53,7 @@ class SnapshotEntry:
     data: bytes | None  # resident copy (RAM tier, or waiting for its disk write)
     path: Path | None  # written file
     last_used: float
+    session: str | None = None  # a room's snapshot: whose conversation it holds
 
 
 def _tokens_bytes(tokens: tuple[int, ...]) -> bytes:
@@ -115,7 +116,17 @@ class SnapshotStore:
             if path.stem != key:
                 continue
             kind: Kind = "persona" if header["kind"] == "persona" else "room"
-            entry = SnapshotEntry(key, kind, tokens, header["nbytes"], None, path, st.st_mtime)
+            session = header.get("session")
+            entry = SnapshotEntry(
+                key,
+                kind,
+                tokens,
+                header["nbytes"],
+                None,
+                path,
+                st.st_mtime,
+                session if isinstance(session, str) else None,
+            )
             self._entries[key] = entry
             self._trie.insert(key, tokens)
 
@@ -137,8 +148,13 @@ class SnapshotStore:
         entry = self._entries.get(self.key_for(tokens))
         return entry is not None and (kind is None or entry.kind == kind)
 
-    def put(self, tokens: tuple[int, ...], data: bytes, kind: Kind) -> None:
-        """Keep a snapshot: personas go to disk (if configured), rooms to RAM first."""
+    def put(
+        self, tokens: tuple[int, ...], data: bytes, kind: Kind, session: str | None = None
+    ) -> None:
+        """Keep a snapshot: personas go to disk (if configured), rooms to RAM first.
+
+        ``session``: the conversation a room snapshot holds (see :meth:`discard_sessions`).
+        """
         if kind == "persona" and self._writer is None:
             kind = "room"  # no disk: a persona snapshot is just a bounded RAM copy
         key = self.key_for(tokens)
@@ -146,7 +162,16 @@ class SnapshotStore:
             old = self._entries.get(key)
             if old is not None and old.kind == "persona":
                 kind = "persona"
-            entry = SnapshotEntry(key, kind, tokens, len(data), data, None, time.monotonic())
+            entry = SnapshotEntry(
+                key,
+                kind,
+                tokens,
+                len(data),
+                data,
+                None,
+                time.monotonic(),
+                session if kind == "room" else None,
+            )
             if old is not None:
                 entry.path = old.path
             self._entries[key] = entry
@@ -193,6 +218,19 @@ class SnapshotStore:
             self._trie.remove(key)
         if entry is not None and delete_file and entry.path is not None:
             self._unlink(entry.path)
+
+    def discard_sessions(self, prefix: str) -> int:
+        """Forget (and delete the files of) every room snapshot of sessions starting with
+        ``prefix``: a message they hold was redacted. Returns how many went."""
+        with self._lock:
+            keys = [
+                k
+                for k, e in self._entries.items()
+                if e.session is not None and e.session.startswith(prefix)
+            ]
+        for key in keys:
+            self.discard(key, delete_file=True)
+        return len(keys)
 
     def ram_used(self) -> int:
         with self._lock:
@@ -248,15 +286,16 @@ class SnapshotStore:
                 self.discard(entry.key)
             return
         path = self.disk_dir / f"{entry.key}{_SUFFIX}"
-        header = json.dumps(
-            {
-                "fingerprint": self.fingerprint,
-                "kind": entry.kind,
-                "n_tokens": len(entry.tokens),
-                "nbytes": entry.nbytes,
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        ).encode()
+        fields: dict[str, Any] = {
+            "fingerprint": self.fingerprint,
+            "kind": entry.kind,
+            "n_tokens": len(entry.tokens),
+            "nbytes": entry.nbytes,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        if entry.session is not None:
+            fields["session"] = entry.session
+        header = json.dumps(fields).encode()
         tmp = path.with_suffix(".tmp")
         try:
             # Created 0600 (KV holds the conversation), durable before it takes the name.
