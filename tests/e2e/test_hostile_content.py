@@ -14,7 +14,13 @@ from hivebridge.app import Bridge
 from hivebridge.conversation.formatting import MAX_REPLY_PIECES, REPLY_CUT_NOTE
 from hivebridge.db.personas import Persona
 from hivebridge.devserver.client import HumanClient, is_edit, shown_text
-from hivebridge.inference.types import Backend, ChatMessage, Generation, SamplingParams
+from hivebridge.inference.types import (
+    Backend,
+    ChatMessage,
+    Generation,
+    SamplingParams,
+    collect,
+)
 from hivebridge.personas.replies import ReplyDone
 from tests.e2e.conftest import Homeserver
 from tests.e2e.test_personas import command
@@ -173,6 +179,15 @@ async def test_a_redacted_message_reaches_no_prompt_and_leaves_no_trace(
             seen = endpoint.requests[-1].body
             assert CANARY in json.dumps(seen)  # the test can see a leak
             assert "green" in json.dumps(seen) and "blue" not in json.dumps(seen)
+            # The room's conversation cached in the local engine (a persona's reply
+            # could repeat the canary; this cannot).
+            cached = bridge.parts.models.backend(bridge.parts.default_model).generate(
+                [ChatMessage("user", f"oops, my api key is {CANARY}")],
+                SamplingParams(max_tokens=2, temperature=0.0),
+                session=f"{room}|{local}",
+            )
+            await collect(cached)
+            assert await kv_holds_canary(bridge)
 
             await redact(owner, room, pasted)
             deadline = time.monotonic() + 30
@@ -180,6 +195,7 @@ async def test_a_redacted_message_reaches_no_prompt_and_leaves_no_trace(
                 assert time.monotonic() < deadline, "the redaction never arrived"
                 await asyncio.sleep(0.2)
             await bridge.parts.handler.drain()
+            assert not await kv_holds_canary(bridge)  # no cached KV holds its tokens
 
             await reply_to(owner, bridge, room, remote, "farsight, and now?")
             await reply_to(owner, bridge, room, local, "homely, and now?")
@@ -191,5 +207,26 @@ async def test_a_redacted_message_reaches_no_prompt_and_leaves_no_trace(
     assert CANARY not in recording.of("homely") and "and now" in recording.of("homely")
     rows = await bridge.parts.db.fetch("SELECT * FROM messages")
     assert rows and not [dict(r) for r in rows if CANARY in repr(dict(r))]
+
     summaries = await bridge.parts.db.fetch("SELECT * FROM summaries")
     assert not [dict(r) for r in summaries if CANARY in repr(dict(r))]
+
+
+async def kv_holds_canary(bridge: Bridge) -> bool:
+    """Whether a local engine's sequences or snapshots hold the canary's tokens."""
+    for engine in bridge.parts.models.engines().values():
+        canary = engine.tokenize(f" {CANARY}")[2:-2]
+        assert canary
+        held = await engine.call(
+            lambda s: (
+                [list(seq.tokens) for seq in s.pool.seqs]
+                + [list(e.tokens) for e in (s.store._entries.values() if s.store else ())]
+            )
+        )
+        if any(_contains(t, canary) for t in held):
+            return True
+    return False
+
+
+def _contains(tokens: list[int], part: list[int]) -> bool:
+    return any(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
