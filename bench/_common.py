@@ -60,3 +60,26 @@ def user_turn(room: int, turn: int) -> ChatMessage:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def llama_cpp_build() -> str:
+    """The engine's llama.cpp: llama-cpp-python version, vendored commit and ggml version.
+
+    The bindings' shared libraries know no build number, only the commit
+    (``ggml_commit``) and ggml's version.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    try:
+        ggml = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+        ggml.ggml_version.restype = ctypes.c_char_p
+        ggml.ggml_commit.restype = ctypes.c_char_p
+        return (
+            f"llama-cpp-python {llama_cpp.__version__}, llama.cpp "
+            f"{ggml.ggml_commit().decode()} (ggml {ggml.ggml_version().decode()})"
+        )
+    except (OSError, AttributeError):
+        return f"llama-cpp-python {llama_cpp.__version__}"

@@ -211,7 +211,8 @@ async def test_restart_restores_persona_snapshot(tmp_path: Path) -> None:
 async def test_truncated_persona_snapshot_is_moved_aside_and_evaluated(tmp_path: Path) -> None:
     """A damaged snapshot file must not stop the engine (before: struct.error at start)."""
     msgs = [PERSONA, ChatMessage("user", "What is your favourite star?")]
-    s = settings(snapshot_dir=tmp_path / "snap")
+    # Rooms this short are not written at shutdown: the persona is the only file.
+    s = settings(snapshot_dir=tmp_path / "snap", min_snapshot_tokens=4096)
     first = await started(s)
     try:
         _, _, want = await run_tokens(first, msgs, session="x")
@@ -229,6 +230,31 @@ async def test_truncated_persona_snapshot_is_moved_aside_and_evaluated(tmp_path:
         await assert_same_greedy(second, msgs, got, want)
     finally:
         await second.stop()
+
+
+async def test_restart_restores_rooms_from_disk(tmp_path: Path) -> None:
+    """Rooms the engine held at shutdown come back from disk: only the new turn is evaluated."""
+    s = settings(snapshot_dir=tmp_path / "snap", min_snapshot_tokens=8, min_restore_gain=4)
+    convo = [PERSONA, ChatMessage("user", "Tell me about the night watch.")]
+    first = await started(s)
+    try:
+        reply, before = await run(first, convo, session="!r:hs|@mira:hs")
+    finally:
+        await first.stop()
+    follow = [*convo, ChatMessage("assistant", reply), ChatMessage("user", "And at dawn?")]
+
+    second = await started(s)
+    fresh = await started(settings(prefix_cache=False))
+    try:
+        _, stats, got = await run_tokens(second, follow, session="!r:hs|@mira:hs")
+        assert (await second.inspect())["restores"] >= 1
+        # The persona, the old question and most of the reply come from the room's snapshot.
+        assert stats.cached_tokens > before.prompt_tokens
+        _, _, want = await run_tokens(fresh, follow)
+        await assert_same_greedy(fresh, follow, got, want)
+    finally:
+        await second.stop()
+        await fresh.stop()
 
 
 async def test_evicted_room_is_restored_from_ram_snapshot() -> None:

@@ -522,6 +522,11 @@ class LocalEngine:
                 sched.fail_all(err)
             self._drain_commands(sched, err)
             self._flush()
+            if self._crash is None:
+                try:
+                    sched.persist()
+                except Exception:
+                    log.exception("could not persist room snapshots at shutdown")
             with contextlib.suppress(BaseException):
                 sched.close()
             if store is not None:
@@ -563,12 +568,15 @@ class LocalEngine:
 
     def _serve(self, sched: Scheduler) -> None:
         drain_until: float | None = None
+        prof = sched.profile
+        prof["loop_s"] = prof["turns_wait_s"] = 0.0
         while True:
             busy = sched.has_work()
             try:
                 cmd = self._commands.get(block=not busy, timeout=None if not busy else 0)
             except queue.Empty:
                 cmd = None
+            t_iter = time.perf_counter()
             while cmd is not None:
                 if isinstance(cmd, _Submit):
                     if drain_until is not None:
@@ -594,8 +602,11 @@ class LocalEngine:
                 sched.fail_all(self.unavailable_error())
                 self._flush()
                 return
+            stepped = False
             if sched.has_work():
+                t_wait = time.perf_counter()
                 with self._turns:
+                    prof["turns_wait_s"] += time.perf_counter() - t_wait
                     stepped = sched.step()
                 if not stepped:
                     time.sleep(0.005)  # waiting requests, none runnable yet
@@ -604,6 +615,8 @@ class LocalEngine:
             if load != self._load:
                 self._load = load
             self._flush()
+            if stepped:  # the whole iteration: commands, the step, the hand-off to the loop
+                prof["loop_s"] += time.perf_counter() - t_iter
 
 
 def _deliver(items: list[tuple[Callable[[Update], None], Update]]) -> None:

@@ -61,6 +61,12 @@ class Scheduler:
         self.counters = {
             "steps": 0, "decode_failures": 0, "evictions": 0, "restores": 0, "swaps": 0,
         }  # fmt: skip
+        # Where a step's time goes (seconds, cumulative; a few perf_counter calls per step).
+        # "decode_only_*" counts steps without prompt tokens: the steady streaming state.
+        self.profile: dict[str, float] = dict.fromkeys(
+            ("admit_s", "fill_s", "decode_s", "sample_s", "decode_only_steps",
+             "decode_only_tokens", "decode_only_s", "decode_only_sample_s"), 0.0,
+        )  # fmt: skip
         self.admission = Admission(
             model, settings, store, self.pool, self.waiting, self.active, self.counters,
             lambda req, reason, error: self._finish(req, reason, error),
@@ -101,6 +107,30 @@ class Scheduler:
         """See :meth:`Admission.forget_sessions`."""
         return self.admission.forget_sessions(prefix)
 
+    def persist(self) -> int:
+        """At shutdown: snapshot idle rooms and write every room snapshot to disk.
+
+        Only with a snapshot directory; returns how many rooms were written.
+        Most recently used rooms first, so the disk budget keeps the freshest.
+        """
+        store = self.store
+        if store is None or store.disk_dir is None or not self.settings.prefix_cache:
+            return 0
+        idle = sorted(
+            (s for s in self.pool.seqs if s.state is SeqState.IDLE), key=lambda s: s.last_used
+        )
+        for seq in idle:
+            if len(seq.tokens) >= self.settings.min_snapshot_tokens:
+                tokens = tuple(seq.tokens)
+                if not store.has(tokens):
+                    try:
+                        store.put(tokens, self.pool.state_bytes(seq), "room")
+                    except Exception:
+                        log.exception("snapshot of sequence %d failed at shutdown", seq.id)
+        written = store.persist_rooms()
+        store.flush()
+        return written
+
     def restore_personas(self) -> int:
         """At start: put persona prefixes saved on disk back into pinned sequences."""
         return self.admission.restore_personas()
@@ -109,8 +139,10 @@ class Scheduler:
 
     def step(self) -> bool:
         """One batched llama_decode; False when there was nothing to do."""
+        t0 = time.perf_counter()
         self.admission.admit()
         self.admission.compact()
+        self.profile["admit_s"] += time.perf_counter() - t0
         units: list[_Unit] = []
         decoding = [r for r in self.active if r.phase is Phase.DECODE]
         for req in decoding:
@@ -137,10 +169,23 @@ class Scheduler:
         return True
 
     def _run(self, units: list[_Unit]) -> None:
+        prof = self.profile
+        t0 = time.perf_counter()
         rows = self._fill(units)
+        t1 = time.perf_counter()
         rc = self._decode(units)
+        t2 = time.perf_counter()
         if rc == 0:
             self._after(units, rows)
+            t3 = time.perf_counter()
+            prof["fill_s"] += t1 - t0
+            prof["decode_s"] += t2 - t1
+            prof["sample_s"] += t3 - t2
+            if len(rows) == self._batch.n_tokens:  # one token per sequence: pure decode
+                prof["decode_only_steps"] += 1
+                prof["decode_only_tokens"] += len(rows)
+                prof["decode_only_s"] += t2 - t1
+                prof["decode_only_sample_s"] += t3 - t2
             return
         self.counters["decode_failures"] += 1
         log.warning(
@@ -363,6 +408,7 @@ class Scheduler:
             if self.tuner
             else self.settings.resolved_threads()[0],
             "thread_switches": self.tuner.switches if self.tuner else 0,
+            "profile": {k: round(v, 4) for k, v in self.profile.items()},
             **self.counters,
         }
 
