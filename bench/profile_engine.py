@@ -125,18 +125,6 @@ async def server_level(level: int, url: str) -> dict[str, Any]:
     }
 
 
-def parse_variant(text: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for part in (text or "").split(","):
-        if not part:
-            continue
-        k, v = part.split("=", 1)
-        out[k] = {"true": True, "false": False}.get(v.lower(), v)
-        if isinstance(out[k], str):
-            out[k] = int(v)
-    return out
-
-
 async def main(variant: dict[str, Any], with_server: bool) -> None:
     threads = EngineSettings().resolved_threads()[0]
     result: dict[str, Any] = {"engine": {}, "variant": variant}
@@ -169,4 +157,4 @@ if __name__ == "__main__":
     ap.add_argument("--no-server", action="store_true")
     args = ap.parse_args()
     tp.TURNS = args.turns
-    asyncio.run(main(parse_variant(args.variant), not args.no_server))
+    asyncio.run(main(tp.parse_variant(args.variant), not args.no_server))

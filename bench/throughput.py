@@ -171,6 +171,16 @@ async def run_level(
     return rates
 
 
+def parse_variant(text: str | None) -> dict[str, Any]:
+    """``adaptive_threads=false,prefill_chunk=128`` -> EngineSettings keyword changes."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (text or "").split(",")):
+        k, v = part.split("=", 1)
+        low = v.lower()
+        out[k] = True if low == "true" else False if low == "false" else int(v)
+    return out
+
+
 def peer_binary() -> tuple[Path, int]:
     found = ls.cached_binary()
     return found if found is not None else ls.build()
@@ -204,9 +214,10 @@ async def measure(
     return results, load, meta
 
 
-async def main(unified: bool) -> None:
+async def main(unified: bool, variant: dict[str, Any]) -> None:
     sides = ["engine", "server"] + (["engine_unified_kv"] if unified else [])
-    results, load, meta = await measure(sides)
+    sides += ["engine_variant"] if variant else []
+    results, load, meta = await measure(sides, engine_overrides={"engine_variant": variant})
     engine, server = results["engine"], results["server"]
     emit(
         {
@@ -218,6 +229,11 @@ async def main(unified: bool) -> None:
             "ratio_vs_single_8": round(engine["8"] / engine["1"], 2),
             "server_8_vs_1": round(server["8"] / server["1"], 2),
             **({"engine_unified_kv": results["engine_unified_kv"]} if unified else {}),
+            **(
+                {"engine_variant": results["engine_variant"], "variant": variant}
+                if variant
+                else {}
+            ),
             "workload": f"{TURNS} turns x {MAX_TOKENS} tokens per room, ~330-token personas",
             **meta,
             "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -230,6 +246,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=TURNS, help="questions per room")
     ap.add_argument("--unified", action="store_true", help="also run kv_unified=True")
+    ap.add_argument("--variant", help="also run the engine with EngineSettings changes: k=v,...")
     args = ap.parse_args()
     TURNS = args.turns
-    asyncio.run(main(args.unified))
+    asyncio.run(main(args.unified, parse_variant(args.variant)))

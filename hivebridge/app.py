@@ -130,6 +130,7 @@ def engine_settings(config: Config) -> EngineSettings:
         n_ctx=local.n_ctx,
         n_seq_max=local.n_seq_max,
         kv_unified=local.kv_unified,
+        flash_attn=local.flash_attn,
         threads=local.threads or None,
         n_gpu_layers=local.n_gpu_layers,
         snapshot_dir=config.data_path / "kv-snapshots",

@@ -215,6 +215,9 @@ class LocalInferenceConfig:
     #: One KV pool for all sequences (free forks, but every token attends over the
     #: whole pool: batched decode of long rooms gets slower, docs/engine.md).
     kv_unified: bool = False
+    #: llama.cpp's fused attention: faster; false = the exact, batch-invariant engine
+    #: (greedy output identical with and without the prefix cache, docs/engine.md).
+    flash_attn: bool = True
     #: Decode threads; 0 means one per usable core, never more.
     threads: int = 0
     #: Layers offloaded to a GPU (-1 all) for models without their own setting.

@@ -43,11 +43,14 @@ PERSONA = ChatMessage(
 def settings(**kw: object) -> EngineSettings:
     # One thread: the test box is shared, and a 2-thread decode collapses when another
     # process competes for the cores (docs/engine.md); logic does not depend on it.
+    # flash_attn off: the exact (batch invariant) engine, whose greedy output these tests
+    # compare token for token; the flash-attention default is checked near-tie-tolerant.
     base: dict[str, object] = {
         "n_ctx": 8192,  # partitioned: 1,024 tokens for each of the 8 sequences
         "n_seq_max": 8,
         "max_seq_tokens": 1024,
         "threads": 1,
+        "flash_attn": False,
     }
     base.update(kw)
     return EngineSettings(**base)  # type: ignore[arg-type]
@@ -157,6 +160,34 @@ async def test_batched_cached_rooms_equal_serial_fresh_evaluation(engine: LocalE
                 assert gen.tokens == want, f"room {r}, turn {turn}"
                 rooms[r] += [ChatMessage("assistant", replies[r]), ChatMessage("user", "Go on.")]
     finally:
+        await fresh.stop()
+
+
+async def test_flash_attention_cached_rooms_agree_with_fresh_evaluation() -> None:
+    """The default, fast engine (flash attention) is not batch invariant, but close.
+
+    Rooms batched, forked from personas and continued in place must say what a
+    fresh engine without a cache says, except where two tokens are a near-tie
+    (flash attention sums a prompt's rows and a decoded row in another order).
+    """
+    engine = await started(settings(flash_attn=True))
+    fresh = await started(settings(flash_attn=True, prefix_cache=False))
+    personas = [PERSONA, ChatMessage("system", "You are Olu, a navigator who loves the stars.")]
+    questions = ["Good morning!", "Where are we?", "What is for dinner?", "Any news?"]
+    rooms = [[personas[r % 2], ChatMessage("user", questions[r])] for r in range(4)]
+    try:
+        assert not (await engine.inspect())["batch_invariant"]
+        for turn in range(2):
+            gens = [engine.generate(m, GREEDY, session=f"room{r}") for r, m in enumerate(rooms)]
+            replies = await asyncio.wait_for(asyncio.gather(*(collect(g) for g in gens)), 90)
+            for r, gen in enumerate(gens):
+                if turn:
+                    assert gen.stats.cached_tokens > 0
+                _, _, want = await run_tokens(fresh, rooms[r])
+                await assert_same_greedy(fresh, rooms[r], gen.tokens, want, exact=False)
+                rooms[r] += [ChatMessage("assistant", replies[r]), ChatMessage("user", "Go on.")]
+    finally:
+        await engine.stop()
         await fresh.stop()
 
 

@@ -1,8 +1,8 @@
 """Load one llama_model and build the engine's single llama_context by hand.
 
 ``Llama(n_seq_max=...)`` silently drops the argument, so the context is made
-from our own ``llama_context_params`` (n_seq_max, kv_unified, flash attention
-off) on top of ``llama_model_load_from_file``.
+from our own ``llama_context_params`` (n_seq_max, kv_unified, flash attention)
+on top of ``llama_model_load_from_file``.
 """
 
 from __future__ import annotations
@@ -160,7 +160,11 @@ def load_model(path: Path, settings: EngineSettings) -> LoadedModel:
         cparams.n_ubatch = min(settings.n_ubatch, settings.n_batch)
         cparams.n_seq_max = min(settings.n_seq_max, int(L.llama_max_parallel_sequences()))
         cparams.kv_unified = settings.kv_unified
-        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.flash_attn_type = (
+            L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if settings.flash_attn
+            else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         cparams.n_threads = threads
         cparams.n_threads_batch = threads_batch
         cparams.no_perf = True
@@ -194,13 +198,24 @@ def load_model(path: Path, settings: EngineSettings) -> LoadedModel:
         "template": hashlib.sha256((template or "").encode()).hexdigest(),
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    # Unified KV interleaves sequences' cells, which changes summation order too.
-    invariant = not llamafile_kernels() and not cparams.kv_unified
+    # Unified KV interleaves sequences' cells, which changes summation order too; flash
+    # attention sums a prompt's rows (tiles), a long context (KV chunks per thread) and
+    # one decoded row in three different orders.
+    reasons = [
+        why
+        for why, on in (
+            ("flash attention", settings.flash_attn),
+            ("unified KV", bool(cparams.kv_unified)),
+            ("llama.cpp built with llamafile kernels", llamafile_kernels()),
+        )
+        if on
+    ]
+    invariant = not reasons
     if not invariant:
         log.info(
             "greedy output may differ by float noise with batching and prefix reuse "
             "(%s; see docs/engine.md)",
-            "unified KV" if cparams.kv_unified else "llama.cpp built with llamafile kernels",
+            ", ".join(reasons),
         )
     return LoadedModel(
         path=path,
