@@ -197,6 +197,11 @@ async def main() -> None:
                                                hist[side], TURNS)  # fmt: skip
                     restart[side] = summary(res, secs)
                     log(f"after restart {side}: {restart[side]}")
+                    log(f"  evaluated by room: {[r['evaluated'] for r in res]}")
+                    log(f"  cached by room: {[r['cached'] for r in res]}")
+            state = await engine.inspect()
+            log(f"engine after restart: restored personas {engine.restored_personas}, "
+                f"{ {k: state[k] for k in ('restores', 'evictions', 'snapshots', 'pinned')} }")
         finally:
             await engine.stop()
             server.stop()
