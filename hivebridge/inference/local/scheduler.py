@@ -124,7 +124,8 @@ class Scheduler:
                 tokens = tuple(seq.tokens)
                 if not store.has(tokens):
                     try:
-                        store.put(tokens, self.pool.state_bytes(seq), "room")
+                        data = self.pool.state_bytes(seq)
+                        store.put(tokens, data, "room", session=seq.session)
                     except Exception:
                         log.exception("snapshot of sequence %d failed at shutdown", seq.id)
         written = store.persist_rooms()
