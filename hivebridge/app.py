@@ -36,6 +36,7 @@ from .commands.models import ModelCommands, endpoint_affinity, resolve_key
 from .commands.personas import PersonaCommands
 from .commands.reload import ReloadCommands
 from .commands.rooms import RoomCommands
+from .commands.scenes import SceneCommands
 from .commands.stats import StatsCommands
 from .commands.tools import ToolCommands
 from .commands.trust import TrustCommands
@@ -48,6 +49,7 @@ from .db.messages import MessageStore, StoredMessage
 from .db.personas import Persona, PersonaStore
 from .db.reply_jobs import ReplyJobStore
 from .db.rooms import RoomStore
+from .db.scenes import SceneStore
 from .db.summaries import SummaryStore
 from .db.tool_calls import ToolCallStore
 from .db.trust import TrustStore
@@ -84,6 +86,7 @@ from .personas.history import ConversationHistory
 from .personas.lifecycle import PersonaLifecycle
 from .personas.limits import Limits
 from .personas.replies import ReplyService
+from .personas.scenes import SceneService
 from .personas.summaries import Summarizer
 from .personas.tools import Approvals, ToolRegistry
 from .personas.tools.builtin import (
@@ -285,6 +288,7 @@ class Parts:
     admin: BridgeAdmin
     tools: Toolbox
     tool_calls: ToolCallStore
+    scenes: SceneService
     #: The config in force (``reloader.current``) and every part that takes a new one.
     reloader: ConfigReloader
     #: The personas' encryption devices; None when encryption is off.
@@ -381,11 +385,29 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         tools_store=tool_calls,
     )
 
+    def model_problem(persona: Persona) -> str | None:
+        """Why a persona's model cannot answer now (a scene skips it), None when it can:
+        a local file answers (loaded on first use), or a healthy endpoint lists it."""
+        if not persona.model:
+            return None
+        name = catalogue.resolve(persona.model) or persona.model
+        if models.file(name) is not None:
+            return None
+        if any(info.healthy and name in info.models for info in inference.endpoints()):
+            return None
+        return f"its model {persona.model} is not served now"
+
+    scenes = SceneService(
+        config, personas, members, messages, rooms, SceneStore(db), replies, limits, sender,
+        model_problem=model_problem,
+        # The room's ordered queue runs each turn; the handler is built just below.
+        wake=lambda room_id, delay_s: handler.wake_scene(room_id, delay_s),
+    )  # fmt: skip
     reloader = ConfigReloader(config)
     commands = CommandTable(prefix=config.routing.command_prefix)
     message_handler = MessageHandler(
         config, intake, personas, members, messages, rooms, roles, commands, sender, replies,
-        limits,
+        limits, scenes,
     )  # fmt: skip
     # Encryption on: what no persona could decrypt in time gets a notice. Off:
     # encrypted rooms get a notice that personas cannot read them.
@@ -434,6 +456,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
     ours = users_like(config.appservice.user_prefix, config.homeserver.domain)
     StatsCommands(usage, config.bot_mxid, ours=ours).register(commands)
     ReloadCommands(reloader.reload).register(commands)
+    SceneCommands(scenes).register(commands)
 
     def default_model(c: Config) -> None:
         inference.default_model = c.inference.default_model or local_name
@@ -442,6 +465,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
     # part (tools, profiles) registers here the same way.
     takers: list[TakesConfig] = [roles, membership, limits, message_handler, commands, personas]
     takers += [history, summarizer, replies, model_commands, LogLevel(config.logging.level)]
+    takers += [scenes]
     for part in takers:
         reloader.register(part)
     reloader.register_function("inference.default_model", default_model)
@@ -487,6 +511,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         admin=admin,
         tools=toolbox,
         tool_calls=tool_calls,
+        scenes=scenes,
         reloader=reloader,
         encryption=encryption,
     )
@@ -570,6 +595,7 @@ class Bridge:
         if p.encryption is not None:
             await p.encryption.start()
             stack.push_async_callback(p.encryption.close)
+        scene_rooms = await p.scenes.load()
         stack.push_async_callback(p.intake.stop)  # the client side: sends until here
         stack.push_async_callback(p.summarizer.close)
         stack.push_async_callback(p.handler.close)
@@ -581,6 +607,8 @@ class Bridge:
         # unfinished work goes ahead of what the homeserver redelivers now.
         for msg in unfinished:
             p.handler.resume(msg)
+        for room_id in scene_rooms:  # scenes carry on after their unfinished turn
+            p.handler.wake_scene(room_id)
         await p.intake.intent.ensure_registered()
         await p.intake.intent.set_displayname(config.appservice.bot_displayname)
         await p.personas.ensure_default()

@@ -594,6 +594,26 @@ class SummariesConfig:
 
 
 @dataclass(frozen=True)
+class ScenesConfig:
+    """Scenes: personas taking turns on purpose (``!scene start``), within a budget."""
+
+    #: Turns of a scene started without ``turns=N``.
+    default_turns: int = 6
+    #: The most turns one scene may ask for.
+    max_turns: int = 20
+    #: The most personas in one scene.
+    max_personas: int = 6
+
+    def validate(self) -> None:
+        if not 1 <= self.max_turns <= 200:
+            raise ConfigError("scenes.max_turns", "must be between 1 and 200")
+        if not 1 <= self.default_turns <= self.max_turns:
+            raise ConfigError("scenes.default_turns", "must be between 1 and scenes.max_turns")
+        if not 2 <= self.max_personas <= 12:
+            raise ConfigError("scenes.max_personas", "must be between 2 and 12")
+
+
+@dataclass(frozen=True)
 class WeatherToolConfig:
     """The weather service get_weather asks: ``GET {base_url}/{place}?format={format}``,
     one line of text back (wttr.in's format= API)."""
@@ -808,6 +828,7 @@ class Config:
     summaries: SummariesConfig = field(default_factory=SummariesConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
     api: ApiConfig = field(default_factory=ApiConfig)

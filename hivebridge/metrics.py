@@ -349,6 +349,32 @@ ROUTING_RATE_LIMITED = Counter(
     registry=REGISTRY,
 )
 
+# Scenes -----------------------------------------------------------------------
+
+#: How a scene ended: its turns spent, nobody able to speak, a !scene stop by the
+#: person who started it or by someone else, the room stopped (!stop).
+SCENE_END_REASONS: frozenset[str] = frozenset(
+    {"turns", "nobody", "stopped_by_starter", "stopped_by_other", "room_stopped"}
+)
+SCENES_STARTED = Counter(
+    "hivebridge_scenes_started",
+    "Scenes started with !scene start.",
+    registry=REGISTRY,
+)
+SCENE_TURNS = Counter(
+    "hivebridge_scene_turns",
+    "Scene turns taken, per persona (a skipped persona takes none).",
+    ["persona"],
+    registry=REGISTRY,
+)
+SCENES_ENDED = Counter(
+    "hivebridge_scenes_ended",
+    "Scenes ended, by reason (turns, nobody, stopped_by_starter, stopped_by_other, "
+    "room_stopped).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
 # Inference --------------------------------------------------------------------
 
 INFERENCE_QUEUE_DEPTH = Gauge(
@@ -552,6 +578,8 @@ def _create_known_series() -> None:
         REPLIES_FAILED.labels(reason)
     for trigger in ENCRYPTED_NOTICE_TRIGGERS:
         ENCRYPTED_NOTICES.labels(trigger)
+    for reason in SCENE_END_REASONS:
+        SCENES_ENDED.labels(reason)
 
 
 _create_known_series()

@@ -41,9 +41,14 @@ class StatsCommands:
             f"messages: {r.messages} / {r.messages_today}",
             f"persona replies: {r.replies} / {r.replies_today}",
             f"{ctx.prefix}ask answers: {r.asks} / {r.asks_today}",
+            f"scene turns: {r.scene_turns} / {r.scene_turns_today}",
             f"tokens: {r.tokens} / {r.tokens_today}",
         ]
-        sections = [("per persona", r.personas), ("per model", r.models)]
+        sections = [
+            ("per persona", r.personas),
+            ("per model", r.models),
+            ("scene turns per persona", r.scene_personas),
+        ]
         if self.ours is not None:  # a persona answering a persona is no user's request
             sections.append(("asked by personas", r.persona_askers))
         if ctx.trusted:  # who talks how much is not every room member's business

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from mautrix.util.async_db import Database
 
-UsageKind = Literal["reply", "ask", "summary"]
+UsageKind = Literal["reply", "ask", "summary", "scene"]
 Scope = Literal["user_id", "room_id", "persona"]
 
 
@@ -58,6 +58,10 @@ class UsageReport:
     models: list[Tally]
     #: ... and the personas that were answered by other personas, apart.
     persona_askers: list[Tally] = field(default_factory=list)
+    scene_turns: int = 0
+    scene_turns_today: int = 0
+    #: Scene turns (and their tokens) per persona.
+    scene_personas: list[Tally] = field(default_factory=list)
 
 
 def users_like(prefix: str, domain: str) -> str:
@@ -143,6 +147,9 @@ class UsageStore:
             persona_askers=(
                 await self._tally("user_id", day, limit=top, ours=ours, mine=True) if ours else []
             ),
+            scene_turns=count("scene", "n"),
+            scene_turns_today=count("scene", "n_today"),
+            scene_personas=await self._tally("persona", day, kind="scene"),
         )
 
     async def _tally(
@@ -153,14 +160,19 @@ class UsageStore:
         *,
         ours: str | None = None,
         mine: bool = False,
+        kind: UsageKind | None = None,
     ) -> list[Tally]:
-        """Groups by ``column``; with ``ours``, only our own users (``mine``) or only others."""
+        """Groups by ``column``; with ``ours``, only our own users (``mine``) or only others;
+        with ``kind``, only usage of that kind (scene turns)."""
         assert column in ("user_id", "persona", "model")
         where = f"{column} IS NOT NULL"
         args: list[Any] = [day]
         if ours is not None:
             args.append(ours)
-            where += f" AND {'' if mine else 'NOT '}(user_id LIKE $2 ESCAPE '\\')"
+            where += f" AND {'' if mine else 'NOT '}(user_id LIKE ${len(args)} ESCAPE '\\')"
+        if kind is not None:
+            args.append(kind)
+            where += f" AND kind=${len(args)}"
         rows = await self.db.fetch(
             f"SELECT {column} AS k, COUNT(*) AS n, COALESCE(SUM{_TOKENS}, 0) AS tok, "
             "COALESCE(SUM(CASE WHEN day=$1 THEN 1 ELSE 0 END), 0) AS n_today, "

@@ -19,20 +19,23 @@ from ..config import Config, ConfigError
 from ..db.messages import MessageStore, StoredMessage
 from ..db.personas import Persona
 from ..db.rooms import RoomStore
-from ..matrix.content import is_edit
+from ..matrix.content import is_edit, scene_of
 from ..matrix.members import RoomMembers
 from ..matrix.sender import Sender, stable_txn_id
 from ..permissions import Roles
 from ..personas.directory import PersonaDirectory
 from ..personas.limits import Limits
 from ..personas.replies import ReplyService
+from ..personas.scenes import SceneService
 from ..routing.dispatch import (
+    ADDRESSED_REASONS,
     MessageView,
     PersonaView,
     Reason,
     RoomView,
     addressed_in_thread,
     decide,
+    name_position,
     next_bounce_limit,
 )
 from ..routing.loop_guard import GuardVerdict, LoopGuard
@@ -73,7 +76,10 @@ class MessageHandler:
         sender: Sender,
         replies: ReplyService,
         limits: Limits,
+        scenes: SceneService | None = None,
     ) -> None:
+        """``scenes``: the rooms' scenes (None: no scenes); their participants speak on
+        their turns only."""
         self.config = config
         self.appservice = appservice
         self.personas = personas
@@ -85,6 +91,7 @@ class MessageHandler:
         self.sender = sender
         self.replies = replies
         self.limits = limits
+        self.scenes = scenes
         r = config.routing
         self.loop_guard = LoopGuard(
             threshold=r.ping_pong_threshold,
@@ -137,6 +144,11 @@ class MessageHandler:
             # Edits and notices trigger nobody and are no turn: counting a streamed
             # reply's edits as turns would hide the A→B pattern from the loop guard.
             return
+        if is_ours and scene_of(msg.content) is not None:
+            # A scene's turn drives its scene only (personas/scenes.py): nobody answers
+            # it through routing and the loop guard never sees it, during the scene
+            # or after, so a scene neither trips the guard nor leaves it primed.
+            return
         now = time.time()
         verdict = self.loop_guard.observe(room_id, msg.sender, now, is_bot=is_ours)
         if verdict.notify:
@@ -161,6 +173,12 @@ class MessageHandler:
             return
         view = await self._view(msg)
         room = await self._room_view(room_id, members)
+        in_scene = self.scenes.participants(room_id) if self.scenes is not None else frozenset()
+        if in_scene:
+            # Participants speak on their turns only; a human addressing one makes it next.
+            if not is_ours:
+                await self._scene_interjection(room_id, view, room, personas, in_scene)
+            personas = [p for p in personas if p.mxid not in in_scene]
         for persona in personas:
             pview = PersonaView(persona.mxid, persona.name, persona.displayname)
             decision = decide(view, pview, room)
@@ -193,6 +211,42 @@ class MessageHandler:
             )
             await self.replies.reply(persona, msg, bounce, group=len(members) > 2)
 
+    async def scene_step(self, room_id: str) -> None:
+        """The next turn of the room's scene, in room order (queued by the scene)."""
+        if self.scenes is not None:
+            await self.scenes.step(room_id, self.loop_guard.scene_turn)
+
+    def before_queue(self, room_id: str, msg: StoredMessage) -> None:
+        """Seen as it arrives, ahead of the room's queue: ``!scene stop`` keeps any
+        further turn from starting while a turn in flight finishes."""
+        if self.scenes is None or self.personas.is_ours(msg.sender):
+            return
+        words = msg.body.split()
+        prefix = self.commands.prefix
+        if len(words) >= 2 and words[0].lower() == f"{prefix}scene" and words[1].lower() == "stop":
+            self.scenes.request_stop(room_id)
+
+    async def _scene_interjection(
+        self,
+        room_id: str,
+        view: MessageView,
+        room: RoomView,
+        personas: list[Persona],
+        in_scene: frozenset[str],
+    ) -> None:
+        """Tell the scene which of its personas a human message addresses, first named
+        first (an m.mentions-only address counts after those named in the text)."""
+        addressed: list[tuple[int, str]] = []
+        for persona in personas:
+            if persona.mxid not in in_scene:
+                continue
+            pview = PersonaView(persona.mxid, persona.name, persona.displayname)
+            if decide(view, pview, room).reason in ADDRESSED_REASONS:
+                pos = name_position(view.body, pview)
+                addressed.append((len(view.body) if pos is None else pos, persona.name))
+        assert self.scenes is not None
+        await self.scenes.on_human(room_id, [name for _, name in sorted(addressed)])
+
     async def _resume_replies(self, msg: StoredMessage, members: list[str]) -> set[str]:
         """Finish the replies to ``msg`` decided before a restart.
 
@@ -211,8 +265,9 @@ class MessageHandler:
                 log.info("%s left; its reply is dropped", name, extra={"room_id": msg.room_id})
                 await jobs.finish(msg.event_id, name, "failed")
                 continue
+            scene = self.scenes.turn_of(msg.room_id, persona) if self.scenes else None
             await self.replies.reply(
-                persona, msg, job.bounce_limit, group=len(members) > 2, job=job
+                persona, msg, job.bounce_limit, group=len(members) > 2, job=job, scene=scene
             )
         return set(found)
 

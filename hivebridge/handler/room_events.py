@@ -42,6 +42,8 @@ class RoomWork:
     message: StoredMessage | None = None
     #: Queued at start (unhandled, or with a pending reply job), not by intake.
     resumed: bool = False
+    #: The next turn of the room's scene (personas/scenes.py).
+    scene_step: bool = False
 
 
 class RoomEventHandler:
@@ -108,6 +110,7 @@ class RoomEventHandler:
             self.members.forget(room_id)
             self.queues.push(room_id, RoomWork(event=event))
         elif stored is not None:
+            self.messages.before_queue(room_id, stored)
             self.queues.push(room_id, RoomWork(message=stored))
         elif isinstance(event, RedactionEvent):
             self._redacted.add(str(event.redacts))
@@ -134,10 +137,21 @@ class RoomEventHandler:
         """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""
         self.messages.forget_room(room_id)
 
+    def wake_scene(self, room_id: str, delay_s: float = 0.0) -> None:
+        """Queue the next turn of the room's scene, now or after ``delay_s``."""
+        if delay_s <= 0:
+            self.queues.push(room_id, RoomWork(scene_step=True))
+            return
+        asyncio.get_running_loop().call_later(
+            delay_s, self.queues.push, room_id, RoomWork(scene_step=True)
+        )
+
     async def _handle(self, room_id: str, work: RoomWork) -> None:
         if room_id in self._overflowing and self.queues.waiting(room_id) == 0:
             self._overflowing.discard(room_id)
-        if isinstance(work.event, StateEvent):
+        if work.scene_step:
+            await self.messages.scene_step(room_id)
+        elif isinstance(work.event, StateEvent):
             event = work.event
             await retry_when_lost(
                 lambda _again: self.membership.on_member(room_id, event),

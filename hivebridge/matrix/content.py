@@ -22,6 +22,9 @@ BOUNCE_LIMIT_KEY = "io.github.m13253.bounce_limit"
 #: The event a persona's reply answers, in every reply (DM or group, with or without
 #: m.in_reply_to): how a resumed reply finds one that was already posted.
 ANSWERS_KEY = "io.github.hivebridge.answers"
+#: The scene (id) a persona's scene turn belongs to: such a message drives only its
+#: scene; no persona answers it through routing, and the loop guard does not count it.
+SCENE_KEY = "io.github.hivebridge.scene"
 
 #: Synapse refuses an event over 65,536 bytes of JSON; the content we send stays
 #: under this, leaving room for the envelope (ids, hashes, signatures).
@@ -168,6 +171,12 @@ def bounce_limit_of(content: Mapping[str, Any]) -> int | None:
     """The MSC4295 bounce limit a message carries; None when it has none (a human)."""
     limit = content.get(BOUNCE_LIMIT_KEY) if isinstance(content, Mapping) else None
     return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def scene_of(content: Mapping[str, Any]) -> int | None:
+    """The scene a message is a turn of; None for any other message."""
+    scene = content.get(SCENE_KEY) if isinstance(content, Mapping) else None
+    return scene if isinstance(scene, int) and not isinstance(scene, bool) else None
 
 
 def reply_relation(msg: StoredMessage) -> dict[str, object]:

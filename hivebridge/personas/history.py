@@ -46,6 +46,15 @@ class Chapter:
     turns: list[Turn]  # oldest first, since the last !reset and after the summary
 
 
+@dataclass(frozen=True, slots=True)
+class SceneCue:
+    """What a scene turn adds to a prompt: a note after the system prompt, and the
+    opening that stands in for the command which started the scene."""
+
+    note: str
+    opening: str = ""
+
+
 class ConversationHistory:
     """Reads stored messages, room settings and summaries into chapters and prompts."""
 
@@ -75,11 +84,19 @@ class ConversationHistory:
         self.config = config
 
     async def prompt_for(
-        self, persona: Persona, msg: StoredMessage, *, group: bool
+        self, persona: Persona, msg: StoredMessage, *, group: bool, scene: SceneCue | None = None
     ) -> tuple[Prompt, Chapter]:
-        """The prompt for a reply to ``msg``, with the chapter it was built from."""
+        """The prompt for a reply to ``msg``, with the chapter it was built from.
+
+        A scene turn (``scene``) adds the scene's note to the system block; when it
+        answers the command that started the scene, the opening stands in for it.
+        """
         chapter = await self.chapter(msg.room_id, msg.thread_root, persona, before_ts=msg.ts)
-        return self._build(persona, chapter, await self._turn(persona, msg), group), chapter
+        new = await self._turn(persona, msg)
+        if scene is not None and scene.opening and self._is_command(msg):
+            new = replace(new, body=scene.opening)
+        note = scene.note if scene is not None else None
+        return self._build(persona, chapter, new, group, note), chapter
 
     async def next_prompt(
         self, persona: Persona, room_id: str, thread_root: str | None, *, group: bool
@@ -89,12 +106,15 @@ class ConversationHistory:
         empty = Turn("", "", "", False, "", 0, thread_root)
         return self._build(persona, chapter, empty, group), chapter
 
-    def _build(self, persona: Persona, chapter: Chapter, new: Turn, group: bool) -> Prompt:
+    def _build(
+        self, persona: Persona, chapter: Chapter, new: Turn, group: bool, note: str | None = None
+    ) -> Prompt:
         inference = self.config.inference
         profile = inference.profile(persona.profile)
         budget = profile.context_tokens if profile and profile.context_tokens else None
+        system = persona_system_prompt(persona.system_prompt, persona.traits)
         return build_prompt(
-            persona_system_prompt(persona.system_prompt, persona.traits),
+            f"{system}\n\n{note}" if note else system,
             chapter.summary.summary if chapter.summary else None,
             chapter.turns,
             new,
@@ -134,7 +154,7 @@ class ConversationHistory:
                 continue
             if before_ts is not None and m.ts > before_ts:
                 continue
-            if m.body.startswith(self.config.routing.command_prefix) and not m.persona:
+            if self._is_command(m):
                 continue  # commands are for the bot, not conversation
             turns.append(await self._turn(persona, m))
         if summary is not None:
@@ -143,6 +163,9 @@ class ConversationHistory:
         if settings.mode == "thread":
             turns = select_turns(turns, thread_root, "thread" if threaded else "room")
         return Chapter(key, summary, turns)
+
+    def _is_command(self, m: StoredMessage) -> bool:
+        return m.body.startswith(self.config.routing.command_prefix) and not m.persona
 
     async def _with_tools(self, room_id: str, turns: list[Turn]) -> list[Turn]:
         """Own replies with the tool calls that led to them, as the model made them."""

@@ -33,6 +33,7 @@ from ..db.messages import MessageStore, StoredMessage
 from ..db.personas import Persona
 from ..db.reply_jobs import JobState, ReplyJob, ReplyJobStore
 from ..db.tool_calls import StoredToolCall, ToolCallStore
+from ..db.usage import UsageKind
 from ..inference.types import (
     NONE,
     Backend,
@@ -43,10 +44,10 @@ from ..inference.types import (
     ToolCall,
     tool_calls_of,
 )
-from ..matrix.content import answer_marks
+from ..matrix.content import SCENE_KEY, answer_marks
 from ..matrix.sender import Sender, retryable, stable_txn_id
 from .directory import PersonaDirectory
-from .history import Chapter, ConversationHistory
+from .history import Chapter, ConversationHistory, SceneCue
 from .limits import Limits
 from .summaries import Summarizer
 from .tools import ToolContext, ToolResult
@@ -71,6 +72,15 @@ class ReplyDone:
 
 
 ReplyObserver = Callable[[ReplyDone], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class SceneTurn:
+    """A reply that is a scene's turn: marked with the scene (no persona answers it
+    through routing), told about the scene, and counted as a scene turn in usage."""
+
+    scene_id: int
+    cue: SceneCue
 
 
 class ReplyService:
@@ -143,6 +153,7 @@ class ReplyService:
         *,
         group: bool = False,
         job: ReplyJob | None = None,
+        scene: SceneTurn | None = None,
     ) -> str | None:
         """Answer ``msg`` as ``persona`` once, even across a crash.
 
@@ -178,7 +189,7 @@ class ReplyService:
                 extra={"room_id": msg.room_id},
             )
         try:
-            return await self._reply(persona, msg, bounce_limit, group, existing)
+            return await self._reply(persona, msg, bounce_limit, group, existing, scene)
         except MatrixRequestError as e:
             if not retryable(e):  # forbidden, not in the room...: retrying cannot help
                 await self._settle(persona, msg, "failed")
@@ -196,9 +207,12 @@ class ReplyService:
         bounce_limit: int,
         group: bool,
         existing: str | None,
+        scene: SceneTurn | None = None,
     ) -> str | None:
         intent = self.personas.intent(persona)
         extra = answer_marks(msg, bounce_limit, group=group)
+        if scene is not None:
+            extra[SCENE_KEY] = scene.scene_id
         prompt: Prompt | None = None
         chapter: Chapter | None = None
         stats = GenerationStats(model=persona.model or "", backend="")
@@ -208,7 +222,9 @@ class ReplyService:
         results: list[ToolResult] = []
         stream = LiveReply(self, intent, persona, msg, extra, existing=existing)
         try:
-            prompt, chapter = await self.history.prompt_for(persona, msg, group=group)
+            prompt, chapter = await self.history.prompt_for(
+                persona, msg, group=group, scene=scene.cue if scene is not None else None
+            )
             messages = list(prompt.messages)
             names = self._tool_names(persona)
             specs = self.tools.registry.specs(names) if self.tools else ()
@@ -291,7 +307,9 @@ class ReplyService:
             len(results),
             extra={"room_id": msg.room_id, "persona": persona.name, "event_id": msg.event_id},
         )
-        await self._record_usage(persona, msg, stats, model, prompt.messages)
+        await self._record_usage(
+            persona, msg, stats, model, prompt.messages, "scene" if scene else "reply"
+        )
         self._maybe_summarize(persona, msg.room_id, prompt, chapter)
         await self._done(
             ReplyDone(
@@ -380,6 +398,7 @@ class ReplyService:
         stats: GenerationStats,
         model: str,
         prompt: list[ChatMessage],
+        kind: UsageKind = "reply",
     ) -> None:
         """Count the reply against budgets and ``!stats``; a failure here never costs it."""
         if not stats.prompt_tokens:  # backends without a usage report: count it ourselves
@@ -390,7 +409,7 @@ class ReplyService:
                 room_id=msg.room_id,
                 persona=persona.name,
                 model=model,
-                kind="reply",
+                kind=kind,
                 prompt_tokens=stats.prompt_tokens,
                 completion_tokens=stats.completion_tokens,
             )

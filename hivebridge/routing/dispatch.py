@@ -28,6 +28,7 @@ __all__ = [
     "RoomView",
     "addressed_in_thread",
     "decide",
+    "name_position",
     "next_bounce_limit",
 ]
 
@@ -305,3 +306,23 @@ def _names_persona(body: str, persona: PersonaView) -> bool:
         if folded and _name_re(folded).search(text):
             return True
     return False
+
+
+def name_position(body: str, persona: PersonaView) -> int | None:
+    """Where ``body`` first names ``persona`` (a pill, its display name or its localpart),
+    as an offset in the folded text; None when it does not. Orders the personas a
+    message names (scenes with ``--order mention``)."""
+    if not body:
+        return None
+    text = _fold(body)
+    found: list[int] = []
+    mxid = persona.mxid.casefold()
+    if mxid and (match := _bare_mxid_re(mxid).search(text)) is not None:
+        found.append(match.start())
+    for name in (persona.displayname, persona.localpart):
+        if not name:
+            continue
+        folded = " ".join(_fold(name).split())
+        if folded and (match := _name_re(folded).search(text)) is not None:
+            found.append(match.start())
+    return min(found) if found else None

@@ -8,6 +8,11 @@ Three independent brakes, all pure (time is always passed in, in seconds):
   sliding 60-second window.
 * the MSC4295 bounce limit carried by the triggering message (see ``dispatch``).
 
+Scene turns (``routing/scene_turns.py``) are conversations between personas on
+purpose: they pass only the turn limiter (:meth:`LoopGuard.scene_turn`), and their
+messages are never observed by the pattern detector, so a scene cannot trip it and
+leaves nothing behind for the normal guards when it ends.
+
 :class:`LoopGuard` combines them behind one call per incoming message and one per
 intended persona turn.
 
@@ -333,6 +338,15 @@ class LoopGuard:
     def turn_retry_after(self, room_id: str, now: float) -> float:
         """Seconds until the room's turn cap lets a persona speak again."""
         return self._turns.retry_after(room_id, now)
+
+    def scene_turn(self, room_id: str, now: float) -> float:
+        """A scene's turn: only the room's turn cap applies (a scene is a conversation
+        between personas on purpose, with a budget of its own, so neither the pattern
+        detector nor the bounce limit stops it). Returns 0 when the turn is taken,
+        else the seconds until the cap allows one."""
+        if self._turns.allow(room_id, now):
+            return 0.0
+        return max(self._turns.retry_after(room_id, now), 0.001)
 
     def forget(self, room_id: str) -> None:
         """Drop a room's state (left the room, or ``!start`` after ``!stop``)."""

@@ -47,6 +47,9 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hivebridge_endpoint_up": ("gauge", ("endpoint",)),
     "hivebridge_tool_calls": ("counter", ("tool", "outcome")),
     "hivebridge_tool_duration_seconds": ("histogram", ("tool",)),
+    "hivebridge_scenes_started": ("counter", ()),
+    "hivebridge_scene_turns": ("counter", ("persona",)),
+    "hivebridge_scenes_ended": ("counter", ("reason",)),
 }
 
 
