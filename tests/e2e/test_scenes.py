@@ -1,0 +1,180 @@
+"""Scenes through a real Synapse and the bundled model: turns, humans stepping in, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from hivebridge import metrics
+from hivebridge.app import Bridge
+from hivebridge.db.messages import StoredMessage
+from hivebridge.db.personas import Persona
+from hivebridge.devserver.client import HumanClient, is_edit, shown_text
+from hivebridge.inference.types import ChatMessage
+from tests.e2e.conftest import Homeserver
+from tests.e2e.test_personas import bot_room, command
+
+Event = dict[str, Any]
+
+
+async def cast(owner: HumanClient, bridge: Bridge, names: list[str]) -> tuple[str, list[str]]:
+    """A room with the bot, the owner and a persona per name (display name capitalised)."""
+    room = await bot_room(owner, bridge)
+    bot = bridge.config.bot_mxid
+    for name in names:
+        answer = await command(
+            owner, room, f"!persona spawn {name} --room {room} --display {name.title()}", bot
+        )
+        assert answer.startswith("Spawned"), answer
+    mxids = [bridge.config.persona_mxid(n) for n in names]
+    await owner.wait_for_members(room, {owner.user_id, bot, *mxids})
+    return room, mxids
+
+
+def persona_messages(owner: HumanClient, room: str, mxids: list[str]) -> list[Event]:
+    """New messages of the personas (a streamed reply's edits are not new messages)."""
+    return [
+        e
+        for e in owner.timeline.get(room, [])
+        if e.get("sender") in mxids
+        and e.get("type") == "m.room.message"
+        and e["content"].get("msgtype") == "m.text"
+        and not is_edit(e)
+    ]
+
+
+def capture_prompts(bridge: Bridge) -> list[tuple[str, list[ChatMessage]]]:
+    """Every prompt a scene turn is built with: (persona name, messages)."""
+    history = bridge.parts.history
+    seen: list[tuple[str, list[ChatMessage]]] = []
+    original = history.prompt_for
+
+    async def prompt_for(persona: Persona, msg: StoredMessage, **kw: Any) -> Any:
+        prompt, chapter = await original(persona, msg, **kw)
+        if kw.get("scene") is not None:
+            seen.append((persona.name, list(prompt.messages)))
+        return prompt, chapter
+
+    history.prompt_for = prompt_for  # type: ignore[method-assign]
+    return seen
+
+
+def scene_notice(bot: str, words: str) -> Any:
+    return lambda e: e.get("sender") == bot and words in e.get("content", {}).get("body", "")
+
+
+def index_of(owner: HumanClient, room: str, event_id: str) -> int:
+    return next(i for i, e in enumerate(owner.timeline[room]) if e.get("event_id") == event_id)
+
+
+async def test_three_personas_six_turns_in_order_then_a_notice(
+    homeserver: Homeserver, bridge: Bridge
+) -> None:
+    bot = bridge.config.bot_mxid
+    started = metrics.SCENES_STARTED._value.get()
+    prompts = capture_prompts(bridge)
+    async with homeserver.owner() as owner:
+        names = ["ada", "bob", "cy"]
+        room, mxids = await cast(owner, bridge, names)
+        answer = await command(
+            owner, room, '!scene start ada bob cy turns=6 --topic "a lighthouse in a storm"', bot
+        )
+        assert answer.startswith("🎬 Scene started: ada, bob, cy take 6 turns"), answer
+        end = await owner.wait_for(room, scene_notice(bot, "Scene over"), timeout=300)
+        assert end["content"]["msgtype"] == "m.notice"
+        assert end["content"]["body"] == "🎬 Scene over: 6 of 6 turns (ada, bob, cy)."
+        # Nothing more comes after the notice: the normal guards are back and nobody
+        # answers a scene's message through routing.
+        await owner.sync_once(2000)
+        await owner.sync_once(2000)
+        said = persona_messages(owner, room, mxids)
+        assert [e["sender"] for e in said] == mxids * 2
+        assert all(index_of(owner, room, e["event_id"]) < index_of(owner, room, end["event_id"])
+                   for e in said)  # fmt: skip
+        assert all(e["content"].get("io.github.hivebridge.scene") for e in said)
+        status = await command(owner, room, "!scene status", bot)
+        assert "6 of 6 turns; ended: its turns were spent" in status, status
+        stats = await command(owner, room, "!stats", bot)
+        assert "scene turns: 6 / 6" in stats, stats
+        assert "scene turns per persona: ada 2 req" in stats, stats
+        _write_transcript(owner, room, bot, said, end)
+    # Each speaker saw the topic, its turn, and the conversation so far.
+    assert [name for name, _ in prompts] == names * 2
+    system, *rest = prompts[3][1]
+    assert system.role == "system" and "a lighthouse in a storm" in system.content
+    assert "This is turn 4 of 6" in system.content and "Bob, Cy" in system.content
+    seen = "\n".join(m.content for m in rest)
+    for e in said[:3]:
+        assert shown_text(owner.timeline[room], e["event_id"]) in seen
+    assert metrics.SCENES_STARTED._value.get() == started + 1
+
+
+async def test_a_human_mention_mid_scene_speaks_next_and_stop_ends_it(
+    homeserver: Homeserver, bridge: Bridge
+) -> None:
+    bot = bridge.config.bot_mxid
+    async with homeserver.owner() as owner:
+        names = ["dot", "eli", "fay"]
+        room, mxids = await cast(owner, bridge, names)
+        dot, eli, fay = mxids
+        await command(owner, room, "!scene start dot eli fay turns=12", bot)
+        await owner.wait_for(room, lambda e: e in persona_messages(owner, room, mxids), 120)
+        asked = await owner.send_text(room, "Fay, what do you make of this?")
+        answered = await owner.wait_for(
+            room,
+            lambda e: (
+                e in persona_messages(owner, room, mxids)
+                and e["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == asked
+            ),
+            timeout=120,
+        )
+        assert answered["sender"] == fay
+        # Fay takes the next turn after the question; a turn already in flight when
+        # it arrived finishes first (it was started before anyone asked).
+        after = [
+            e["sender"]
+            for e in persona_messages(owner, room, mxids)
+            if index_of(owner, room, e["event_id"]) > index_of(owner, room, asked)
+        ]
+        assert after[: after.index(fay) + 1] in ([fay], [eli, fay], [dot, fay]), after
+        status = await command(owner, room, "!scene status", bot)
+        assert status.startswith("Scene running: dot, eli, fay (round robin), turn "), status
+
+        stop = await command(owner, room, "!scene stop", bot)
+        assert stop.startswith(f"🎬 Scene stopped by {owner.user_id} after "), stop
+        count = len(persona_messages(owner, room, mxids))
+        turns = int(stop.split(" after ")[1].split(" of ")[0])
+        assert count == turns < 12  # the turn in flight was finished, none started
+        await owner.sync_once(2000)
+        await owner.sync_once(2000)
+        assert len(persona_messages(owner, room, mxids)) == count
+        assert "ended: stopped by" in await command(owner, room, "!scene status", bot)
+        assert "No scene is running" in await command(owner, room, "!scene stop", bot)
+
+
+async def test_scene_refusals_are_one_line(homeserver: Homeserver, bridge: Bridge) -> None:
+    bot = bridge.config.bot_mxid
+    async with homeserver.owner() as owner:
+        room, _ = await cast(owner, bridge, ["gus", "hal"])
+        assert "2 to 6 personas" in await command(owner, room, "!scene start gus", bot)
+        assert "not in this room" in await command(owner, room, "!scene start gus assistant", bot)
+        too_many = await command(owner, room, "!scene start gus hal turns=21", bot)
+        assert too_many == "turns must be between 1 and 20.", too_many
+        assert "No persona named 'zed'" in await command(owner, room, "!scene start gus zed", bot)
+
+
+def _write_transcript(
+    owner: HumanClient, room: str, bot: str, said: list[Event], end: Event
+) -> None:
+    """The scene as a client shows it, for the notes (HB_SCENE_TRANSCRIPT=path)."""
+    path = os.environ.get("HB_SCENE_TRANSCRIPT")
+    if not path:
+        return
+    timeline = owner.timeline[room]
+    lines = [{"sender": e["sender"], "text": shown_text(timeline, e["event_id"])} for e in said] + [
+        {"sender": bot, "text": end["content"]["body"]}
+    ]
+    with open(path, "w", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
