@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from hivebridge import metrics
@@ -12,7 +14,15 @@ from hivebridge.db.messages import StoredMessage
 from hivebridge.db.personas import Persona
 from hivebridge.devserver.client import HumanClient, is_edit, shown_text
 from hivebridge.inference.types import ChatMessage
+from tests.e2e.bridge_process import (
+    BridgeProcess,
+    bridge_config_yaml,
+    dump,
+    pg_fetch,
+    room_history,
+)
 from tests.e2e.conftest import Homeserver
+from tests.e2e.test_exactly_once import wait_until
 from tests.e2e.test_personas import bot_room, command
 
 Event = dict[str, Any]
@@ -178,3 +188,73 @@ def _write_transcript(
     with open(path, "w", encoding="utf-8") as fh:
         for line in lines:
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+async def test_a_persona_whose_model_is_not_served_is_skipped_with_a_notice(
+    homeserver: Homeserver, bridge: Bridge
+) -> None:
+    bot = bridge.config.bot_mxid
+    async with homeserver.owner() as owner:
+        room, (ian, kit, jo) = await cast(owner, bridge, ["ian", "kit", "jo"])
+        await command(owner, room, "!persona set kit model ghost-model", bot)
+        await command(owner, room, "!scene start ian kit jo turns=3", bot)
+        await owner.wait_for(room, scene_notice(bot, "Scene over"), timeout=300)
+        said = persona_messages(owner, room, [ian, kit, jo])
+        assert [e["sender"] for e in said] == [ian, jo, ian]
+        skips = [
+            e["content"]["body"] for e in owner.timeline[room] if scene_notice(bot, "skips")(e)
+        ]
+        assert skips == ["⏭️ Kit skips this turn: its model ghost-model is not served now."]
+
+
+async def test_kill_9_mid_turn_the_scene_carries_on_with_exactly_its_turns(
+    homeserver: Homeserver, postgres_url: str, tmp_path: Path
+) -> None:
+    """The bridge as a process on PostgreSQL, killed by its PID while a scene turn is
+    streaming: after the restart that turn is finished once and the rest follow."""
+    config = homeserver.config
+    bot = config.bot_mxid
+    yaml = bridge_config_yaml(
+        config, postgres_url, tmp_path / "data", max_tokens=48, edit_interval_s=0.1
+    )
+    process = BridgeProcess.write(tmp_path, yaml, homeserver.registration)
+    try:
+        await process.start()
+        async with homeserver.owner() as owner:
+            room = await owner.create_room([bot], name="scene crash")
+            await owner.wait_for_members(room, {owner.user_id, bot})
+            for name in ("lou", "max"):
+                answer = await command(owner, room, f"!persona spawn {name} --room {room}", bot)
+                assert answer.startswith("Spawned"), answer
+            lou, mxx = config.persona_mxid("lou"), config.persona_mxid("max")
+            await owner.wait_for_members(room, {owner.user_id, bot, lou, mxx})
+            await command(owner, room, "!scene start lou max turns=4", bot)
+
+            async def second_turn_streaming() -> bool:
+                rows = await pg_fetch(
+                    postgres_url,
+                    "SELECT s.turns_taken FROM scenes s, reply_jobs j WHERE s.state='active' "
+                    "AND j.state='pending' AND j.reply_event_id IS NOT NULL",
+                )
+                return any(r[0] >= 2 for r in rows)
+
+            await wait_until(second_turn_streaming, 120, "no second turn was ever streaming")
+            process.kill9()
+            await process.start()
+            end = await owner.wait_for(room, scene_notice(bot, "Scene over"), timeout=300)
+            assert end["content"]["body"] == "🎬 Scene over: 4 of 4 turns (lou, max)."
+            await asyncio.sleep(3)  # room for a would-be fifth message
+            history = await room_history(owner, room)
+            said = [
+                e
+                for e in history
+                if e.get("sender") in (lou, mxx)
+                and e.get("type") == "m.room.message"
+                and e["content"].get("msgtype") == "m.text"
+                and not is_edit(e)
+            ]
+            assert [e["sender"] for e in said] == [lou, mxx, lou, mxx], dump(said)
+            assert all(e["content"].get("io.github.hivebridge.scene") for e in said)
+            assert all(shown_text(history, e["event_id"]).strip() for e in said)
+    finally:
+        process.stop()
