@@ -369,8 +369,7 @@ SCENE_TURNS = Counter(
 )
 SCENES_ENDED = Counter(
     "hivebridge_scenes_ended",
-    "Scenes ended, by reason (turns, nobody, stopped_by_starter, stopped_by_other, "
-    "room_stopped).",
+    "Scenes ended, by reason (turns, nobody, stopped_by_starter, stopped_by_other, room_stopped).",
     ["reason"],
     registry=REGISTRY,
 )

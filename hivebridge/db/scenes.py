@@ -15,7 +15,7 @@ from mautrix.util.async_db import Database
 
 _COLUMNS = (
     "id, room_id, personas, turn_order, topic, max_turns, turns_taken, last_speaker, "
-    "requested, state, end_reason, started_by, stopped_by, started_at, ended_at"
+    "requested, requested_event, state, end_reason, started_by, stopped_by, started_at, ended_at"
 )
 
 
@@ -30,6 +30,8 @@ class Scene:
     turns_taken: int
     last_speaker: str | None
     requested: str | None
+    #: The human message that addressed ``requested``: what it answers.
+    requested_event: str | None
     state: str  # active | ended
     end_reason: str | None
     started_by: str
@@ -57,6 +59,7 @@ class Scene:
             turns_taken=int(row["turns_taken"]),
             last_speaker=row["last_speaker"],
             requested=row["requested"],
+            requested_event=row["requested_event"],
             state=row["state"],
             end_reason=row["end_reason"],
             started_by=row["started_by"],
@@ -118,17 +121,21 @@ class SceneStore:
     async def take_turn(self, scene_id: int, speaker: str) -> bool:
         """Count one turn for ``speaker`` (before it speaks); False when the scene is over."""
         done = await self.db.fetchval(
-            "UPDATE scenes SET turns_taken=turns_taken+1, last_speaker=$2, requested=NULL "
+            "UPDATE scenes SET turns_taken=turns_taken+1, last_speaker=$2, requested=NULL, "
+            "requested_event=NULL "
             "WHERE id=$1 AND state='active' AND turns_taken < max_turns RETURNING id",
             scene_id,
             speaker,
         )
         return done is not None
 
-    async def request(self, scene_id: int, persona: str | None) -> None:
-        """``persona`` speaks next (a human addressed it)."""
+    async def request(self, scene_id: int, persona: str | None, event_id: str | None) -> None:
+        """``persona`` speaks next, answering ``event_id`` (a human addressed it there)."""
         await self.db.execute(
-            "UPDATE scenes SET requested=$2 WHERE id=$1 AND state='active'", scene_id, persona
+            "UPDATE scenes SET requested=$2, requested_event=$3 WHERE id=$1 AND state='active'",
+            scene_id,
+            persona,
+            event_id,
         )
 
     async def end(self, scene_id: int, reason: str, stopped_by: str | None = None) -> bool:

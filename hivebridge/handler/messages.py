@@ -245,7 +245,8 @@ class MessageHandler:
                 pos = name_position(view.body, pview)
                 addressed.append((len(view.body) if pos is None else pos, persona.name))
         assert self.scenes is not None
-        await self.scenes.on_human(room_id, [name for _, name in sorted(addressed)])
+        names = [name for _, name in sorted(addressed)]
+        await self.scenes.on_human(room_id, view.event_id, names)
 
     async def _resume_replies(self, msg: StoredMessage, members: list[str]) -> set[str]:
         """Finish the replies to ``msg`` decided before a restart.

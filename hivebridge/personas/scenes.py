@@ -126,16 +126,18 @@ class SceneService:
             return None
         return SceneTurn(scene.id, self._cue(scene, persona, scene.turns_taken))
 
-    async def on_human(self, room_id: str, addressed: list[str]) -> None:
-        """A human spoke during the scene, addressing ``addressed`` (persona names, first
-        named first): the first participant among them speaks next."""
+    async def on_human(self, room_id: str, event_id: str, addressed: list[str]) -> None:
+        """A human spoke during the scene (``event_id``), addressing ``addressed`` (persona
+        names, first named first): the first participant among them answers it next."""
         scene = self._active.get(room_id)
         if scene is None:
             return
-        after = after_human(_view(scene), addressed)
-        if after.requested != scene.requested:
-            await self.store.request(scene.id, after.requested)
-            self._active[room_id] = replace(scene, requested=after.requested)
+        view = _view(scene)
+        after = after_human(view, addressed)
+        if after is view:
+            return  # it addressed none of the scene's personas
+        await self.store.request(scene.id, after.requested, event_id)
+        self._active[room_id] = replace(scene, requested=after.requested, requested_event=event_id)
 
     def request_stop(self, room_id: str) -> None:
         """``!scene stop`` arrived: no turn starts from now, even before the command runs
@@ -253,7 +255,13 @@ class SceneService:
             self._active.pop(room_id, None)  # ended meanwhile
             return
         turn = scene.turns_taken + 1
-        scene = replace(scene, turns_taken=turn, last_speaker=speaker.name, requested=None)
+        scene = replace(
+            scene,
+            turns_taken=turn,
+            last_speaker=speaker.name,
+            requested=None,
+            requested_event=None,
+        )
         self._active[room_id] = scene
         metrics.SCENE_TURNS.labels(metrics.persona_label(speaker.name)).inc()
         log.info(
@@ -309,8 +317,13 @@ class SceneService:
         )
 
     async def _trigger(self, scene: Scene) -> StoredMessage | None:
-        """What the next speaker answers: the room's latest message since the scene
-        started (a human's or the last turn's), the start command at first."""
+        """What the next speaker answers: the human message that asked for it, else the
+        room's latest message since the scene started (a human's or the last turn's),
+        the start command at first."""
+        if scene.requested_event is not None:
+            asked = await self.messages.get(scene.requested_event)
+            if asked is not None:
+                return asked
         prefix = self.config.routing.command_prefix
         since = scene.started_at - 5 * 60_000  # the start command came before the row
         found = await self.messages.recent(scene.room_id, since, TRIGGER_SCAN)

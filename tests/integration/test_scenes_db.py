@@ -17,14 +17,15 @@ async def test_one_active_scene_per_room_and_its_turns(db_url: str) -> None:
         assert other is not None
         assert {s.room_id for s in await store.all_active()} == {"!r:x", "!s:x"}
 
-        await store.request(scene.id, "bob")
-        assert (await store.active("!r:x")).requested == "bob"  # type: ignore[union-attr]
+        await store.request(scene.id, "bob", "$asked")
+        asked = await store.active("!r:x")
+        assert asked is not None and (asked.requested, asked.requested_event) == ("bob", "$asked")
         for speaker in ("ada", "bob", "ada"):
             assert await store.take_turn(scene.id, speaker)
         assert not await store.take_turn(scene.id, "bob")  # the budget is the database's too
         now = await store.active("!r:x")
         assert now is not None and now.turns_taken == 3 and now.last_speaker == "ada"
-        assert now.requested is None  # a turn taken answers the request
+        assert now.requested is None and now.requested_event is None  # answered
 
         assert await store.end(scene.id, "stopped", "@u:x")
         assert not await store.end(scene.id, "turns")  # ends once

@@ -21,7 +21,7 @@ class FakeScenes:
         if self.error:
             raise SceneError(self.error)
         return Scene(1, room_id, tuple(names), kw["order"], kw["topic"], kw["turns"] or 6, 0,
-                     None, None, "active", None, starter, None, 0, None)  # fmt: skip
+                     None, None, None, "active", None, starter, None, 0, None)  # fmt: skip
 
 
 def table(scenes: FakeScenes) -> CommandTable:

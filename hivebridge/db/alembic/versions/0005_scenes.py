@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("turns_taken", sa.Integer, nullable=False, server_default="0"),
         sa.Column("last_speaker", sa.Text),  # persona name
         sa.Column("requested", sa.Text),  # a participant a human addressed: it speaks next
+        sa.Column("requested_event", sa.Text),  # the message that addressed it: its answer
         sa.Column("state", sa.Text, nullable=False),  # active | ended
         sa.Column("end_reason", sa.Text),  # turns | nobody | stopped | room_stopped
         sa.Column("started_by", sa.Text, nullable=False),
