@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,13 @@ async def test_three_personas_six_turns_in_order_then_a_notice(
     async with homeserver.owner() as owner:
         names = ["ada", "bob", "cy"]
         room, mxids = await cast(owner, bridge, names)
+        began = time.monotonic()
         answer = await command(
             owner, room, '!scene start ada bob cy turns=6 --topic "a lighthouse in a storm"', bot
         )
         assert answer.startswith("🎬 Scene started: ada, bob, cy take 6 turns"), answer
         end = await owner.wait_for(room, scene_notice(bot, "Scene over"), timeout=300)
+        took_s = time.monotonic() - began  # reported, never asserted
         assert end["content"]["msgtype"] == "m.notice"
         assert end["content"]["body"] == "🎬 Scene over: 6 of 6 turns (ada, bob, cy)."
         # Nothing more comes after the notice: the normal guards are back and nobody
@@ -108,7 +111,7 @@ async def test_three_personas_six_turns_in_order_then_a_notice(
         stats = await command(owner, room, "!stats", bot)
         assert "scene turns: 6 / 6" in stats, stats
         assert "scene turns per persona: ada 2 req" in stats, stats
-        _write_transcript(owner, room, bot, said, end)
+        _write_transcript(owner, room, bot, said, end, took_s)
     # Each speaker saw the topic, its turn, and the conversation so far.
     assert [name for name, _ in prompts] == names * 2
     system, *rest = prompts[3][1]
@@ -175,16 +178,24 @@ async def test_scene_refusals_are_one_line(homeserver: Homeserver, bridge: Bridg
 
 
 def _write_transcript(
-    owner: HumanClient, room: str, bot: str, said: list[Event], end: Event
+    owner: HumanClient, room: str, bot: str, said: list[Event], end: Event, took_s: float
 ) -> None:
     """The scene as a client shows it, for the notes (HB_SCENE_TRANSCRIPT=path)."""
     path = os.environ.get("HB_SCENE_TRANSCRIPT")
     if not path:
         return
     timeline = owner.timeline[room]
-    lines = [{"sender": e["sender"], "text": shown_text(timeline, e["event_id"])} for e in said] + [
-        {"sender": bot, "text": end["content"]["body"]}
+    lines: list[dict[str, Any]] = [
+        {"sender": e["sender"], "text": shown_text(timeline, e["event_id"])} for e in said
     ]
+    lines.append({"sender": bot, "text": end["content"]["body"]})
+    lines.append(
+        {
+            "measure": "six-turn scene, !scene start to the end notice (max_tokens 24)",
+            "seconds": round(took_s, 2),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+    )
     with open(path, "w", encoding="utf-8") as fh:
         for line in lines:
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
