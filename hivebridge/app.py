@@ -434,6 +434,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         on_encrypted=on_encrypted,
         summarizer=summarizer,
         forget_kv=models.forget_sessions,
+        on_arrival=message_handler.before_queue,
     )
     RoomCommands(rooms, handler.forget_room).register(commands)
     MetaCommands(commands).register(commands)

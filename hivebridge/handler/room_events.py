@@ -58,13 +58,16 @@ class RoomEventHandler:
         on_encrypted: Callable[[str, Event], Awaitable[None]] | None = None,
         summarizer: Summarizer | None = None,
         forget_kv: Callable[[str], Awaitable[object]] | None = None,
+        on_arrival: Callable[[str, StoredMessage], None] | None = None,
     ) -> None:
         """``approvals``: answers to tool approvals are taken as they arrive, ahead of
         the room's queue (the reply waiting for one holds that queue).
         ``on_encrypted(room_id, event)``: an ``m.room.encrypted`` event, in room order;
         None ignores them. ``summarizer``: its jobs and summaries of a room forget a
         redacted message; so does ``forget_kv(session_prefix)`` for the local engines'
-        cached KV and snapshots of the room."""
+        cached KV and snapshots of the room. ``on_arrival(room_id, message)``: each
+        message as it arrives, ahead of the room's queue (``!scene stop`` takes effect
+        there)."""
         self.approvals = approvals
         self.members = members
         self.membership = membership
@@ -73,6 +76,7 @@ class RoomEventHandler:
         self.on_encrypted = on_encrypted
         self.summarizer = summarizer
         self.forget_kv = forget_kv
+        self.on_arrival = on_arrival
         # Messages a redaction named while they may still wait in a queue: their row
         # (blanked by intake if the redaction holds) is read again before routing.
         self._redacted: RecentSet[str] = RecentSet(4096)
@@ -110,7 +114,8 @@ class RoomEventHandler:
             self.members.forget(room_id)
             self.queues.push(room_id, RoomWork(event=event))
         elif stored is not None:
-            self.messages.before_queue(room_id, stored)
+            if self.on_arrival is not None:
+                self.on_arrival(room_id, stored)
             self.queues.push(room_id, RoomWork(message=stored))
         elif isinstance(event, RedactionEvent):
             self._redacted.add(str(event.redacts))
