@@ -23,7 +23,7 @@ from hivebridge.inference.api.server import ApiHooks
 from hivebridge.inference.bundled import BUNDLED_MODEL_NAME, bundled_model_path
 from hivebridge.inference.local import EngineSettings, LoadState, LocalEngine, LocalModels
 from hivebridge.inference.local.models import ModelSource, scan_sources
-from hivebridge.inference.types import ChatMessage
+from hivebridge.inference.types import ChatMessage, Generation, SamplingParams
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(240)]
 
@@ -327,3 +327,41 @@ async def test_serve_api_is_an_inference_node(tmp_path: Path) -> None:
     finally:
         proc.stop()
     assert KEY not in (tmp_path / "node.log").read_text()
+
+
+async def test_rooms_go_ahead_of_queued_api_requests() -> None:
+    """One sequence, busy with an API request, two more API requests queued: a room's
+    request (priority 0) is served next, before the queued API ones (priority -1)."""
+    assert MODEL is not None
+    settings = EngineSettings(
+        n_ctx=1024, n_seq_max=1, max_seq_tokens=1024, threads=1, prefix_cache=False
+    )
+    engine = LocalEngine(MODEL, settings)
+    await engine.start()
+    try:
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        msgs = [ChatMessage("user", "Count the waves.")]
+        order: list[str] = []
+
+        async def drain(name: str, gen: Generation, started: asyncio.Event) -> None:
+            async for _piece in gen:
+                if name not in order:
+                    order.append(name)
+                    started.set()
+
+        busy = asyncio.Event()
+        first = asyncio.create_task(
+            drain("api-1", engine.generate(msgs, params, session="a1", priority=-1), busy)
+        )
+        await busy.wait()  # api-1 holds the only sequence for 23 more tokens
+        # Submitted in this order, one after the other: two API requests, then a room.
+        gens = {
+            name: engine.generate(msgs, params, session=name, priority=prio)
+            for name, prio in (("api-2", -1), ("api-3", -1), ("room", 0))
+        }
+        await asyncio.gather(
+            first, *(drain(name, gen, asyncio.Event()) for name, gen in gens.items())
+        )
+        assert order == ["api-1", "room", "api-2", "api-3"]
+    finally:
+        await engine.stop()
