@@ -289,8 +289,8 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_sequence(api: Api)
     await api.left.wait()  # the server saw the client go and ended the request
     assert ("alice", 499) in api.statuses
     state = await engine.inspect()
+    # Read on the engine thread: the request is gone and its sequence freed.
     assert state["active"] == 0 and state["busy"] == 0 and state["waiting"] == 0
-    assert engine.load.active == 0
 
 
 async def test_serve_api_is_an_inference_node(tmp_path: Path) -> None:
