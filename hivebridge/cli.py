@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep everything running")
     demo.add_argument("--message", default="Hello! Who are you?", help="what the human says")
     demo.add_argument("--dir", default=None, help="working directory (default: a temp dir)")
+    demo.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="make alice's direct chat end-to-end encrypted (her app encrypts)",
+    )
     from .console import add_verbs
 
     add_verbs(sub)
@@ -58,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return asyncio.run(run_demo(keep=args.keep, message=args.message, workdir=args.dir))
+        return asyncio.run(
+            run_demo(
+                keep=args.keep, message=args.message, workdir=args.dir, encrypted=args.encrypted
+            )
+        )
     try:
         config = load_config(args.config)
         if args.generate_registration:

@@ -1,11 +1,12 @@
 """``hivebridge demo``: a private Synapse, the bridge, and a human who says hello.
 
-Alice asks the default persona one question in a direct chat; then, in a
-group room with the bot, she spawns a second persona with ``!persona spawn``
-and asks both at once, and both answer. Everything runs on 127.0.0.1 in a
-temporary directory; everything started is stopped again unless ``--keep``
-is given. The transcripts go to stdout, progress and what to look at next to
-stderr.
+Alice asks the default persona one question in a direct chat (end-to-end
+encrypted with ``--encrypted``: her app encrypts, the persona decrypts and
+answers encrypted); then, in a group room with the bot, she spawns a second
+persona with ``!persona spawn`` and asks both at once, and both answer.
+Everything runs on 127.0.0.1 in a temporary directory; everything started is
+stopped again unless ``--keep`` is given. The transcripts go to stdout,
+progress and what to look at next to stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from .app import Bridge
 from .devserver.client import Event, HumanClient, is_edit, shown_text
+from .devserver.encrypting_client import EncryptingHuman
 from .devserver.stack import SERVER_NAME, DevStack
 from .logs import setup_logging
 from .matrix.content import ANSWERS_KEY
@@ -35,12 +37,16 @@ SPAWN = (
 GROUP_QUESTION = "Assistant and Poet, what do you like about the sea?"
 
 
-async def run_demo(*, keep: bool = False, message: str, workdir: str | None = None) -> int:
+async def run_demo(
+    *, keep: bool = False, message: str, workdir: str | None = None, encrypted: bool = False
+) -> int:
     """The demo until it ends, or until SIGTERM or SIGINT: then everything it started
     (the bridge, Synapse) is stopped by its own cleanup and the exit status is 0."""
     setup_logging("WARNING")
     loop = asyncio.get_running_loop()
-    demo = asyncio.create_task(_demo(keep=keep, message=message, workdir=workdir))
+    demo = asyncio.create_task(
+        _demo(keep=keep, message=message, workdir=workdir, encrypted=encrypted)
+    )
     signals = (signal.SIGTERM, signal.SIGINT)
 
     def stop() -> None:
@@ -59,7 +65,7 @@ async def run_demo(*, keep: bool = False, message: str, workdir: str | None = No
             loop.remove_signal_handler(sig)
 
 
-async def _demo(*, keep: bool, message: str, workdir: str | None) -> int:
+async def _demo(*, keep: bool, message: str, workdir: str | None, encrypted: bool) -> int:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hivebridge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     stack = DevStack(root)
@@ -71,34 +77,51 @@ async def _demo(*, keep: bool, message: str, workdir: str | None) -> int:
         say("starting hivebridge ...")
         await bridge.start()
         persona_mxid = config.persona_mxid(config.default_persona.name)
-        async with await HumanClient.create(synapse.url, synapse.shared_secret, "alice") as alice:
-            room = await alice.create_room([persona_mxid], direct=True)
+        enc: EncryptingHuman | None = None
+        if encrypted:
+            enc = await EncryptingHuman.create(synapse.url, synapse.shared_secret, "alice")
+            alice = enc.plain
+        else:
+            alice = await HumanClient.create(synapse.url, synapse.shared_secret, "alice")
+        try:
+            if enc is not None:
+                room = await enc.create_room([persona_mxid], direct=True)
+            else:
+                room = await alice.create_room([persona_mxid], direct=True)
             await alice.wait_for_members(room, {alice.user_id, persona_mxid})
-            say(f"alice opened a DM with {persona_mxid}\n")
+            kind = "an encrypted DM" if enc is not None else "a DM"
+            say(f"alice opened {kind} with {persona_mxid}\n")
             print("--- transcript ---")
             print(f"<alice> {message}")
             started = time.monotonic()
-            asked = await alice.send_text(room, message)
-            reply = await alice.wait_for(
-                room,
-                lambda e: (
-                    e.get("sender") == persona_mxid
-                    and e.get("type") == "m.room.message"
-                    and not is_edit(e)
-                ),
-                timeout=120,
+            is_reply = lambda e: (  # noqa: E731
+                e.get("sender") == persona_mxid
+                and e.get("type") == "m.room.message"
+                and not is_edit(e)
             )
+            if enc is not None:
+                asked = await enc.send_text(room, message)
+                reply = await enc.wait_for(room, is_reply, timeout=120)
+            else:
+                asked = await alice.send_text(room, message)
+                reply = await alice.wait_for(room, is_reply, timeout=120)
             first = time.monotonic() - started
             # The reply streams in as edits: print it as a client shows it once done.
             await _reply_done(bridge, asked, config.default_persona.name)
-            await alice.sync_once(timeout_ms=0)
+            if enc is not None:
+                await enc.catch_up()
+                timeline = enc.timeline.get(room, [])
+            else:
+                await alice.sync_once(timeout_ms=0)
+                timeline = alice.timeline.get(room, [])
             done = time.monotonic() - started
-            text = shown_text(alice.timeline.get(room, []), reply["event_id"])
+            text = shown_text(timeline, reply["event_id"])
             print(f"<{config.default_persona.displayname}> {text}")
             print("--- end ---")
+            how = "encrypted both ways, " if enc is not None else ""
             say(
                 f"first text after {first:.2f}s, whole reply after {done:.2f}s, "
-                "from the local model through Synapse\n"
+                f"{how}from the local model through Synapse\n"
             )
             group = await _group_room(bridge, alice)
             metrics_url = f"http://{config.metrics.hostname}:{config.metrics.port}/metrics"
@@ -119,6 +142,8 @@ async def _demo(*, keep: bool, message: str, workdir: str | None) -> int:
                     "  !help in a room, docs/commands.md  every command; docs/operations.md  "
                     "reload, the admin CLI, metrics"
                 )
+        finally:
+            await (enc or alice).close()
         return 0
     except Exception as e:
         logging.getLogger("hivebridge.demo").debug("demo failed", exc_info=True)

@@ -34,7 +34,7 @@ from mautrix.types import (
     UserID,
 )
 
-from .client import MEGOLM, register_user
+from .client import MEGOLM, HumanClient, register_user
 
 Plain = dict[str, Any]
 
@@ -52,9 +52,11 @@ class _StateStore(MemoryStateStore, CryptoStateStore):  # type: ignore[misc]
 class EncryptingHuman:
     """A registered user with one encrypting device; :meth:`close` stops its sync."""
 
-    def __init__(self, client: Client, machine: OlmMachine) -> None:
+    def __init__(self, client: Client, machine: OlmMachine, plain: HumanClient) -> None:
         self.client = client
         self.machine = machine
+        #: The same user through plain client-server calls (history as the server has it).
+        self.plain = plain
         self.user_id = str(client.mxid)
         #: Every room message seen, decrypted where we could, oldest first, per room.
         self.timeline: dict[str, list[Plain]] = {}
@@ -73,7 +75,8 @@ class EncryptingHuman:
     ) -> EncryptingHuman:
         """Register ``username`` and start its device. ``min_trust``: the least trust a
         device needs to be sent room keys (Element's "only verified sessions" is
-        ``CROSS_SIGNED_VERIFIED``); devices below it get ``m.room_key.withheld``."""
+        ``CROSS_SIGNED_TRUSTED``: cross-signed by a user this one verified); devices
+        below it get ``m.room_key.withheld``."""
         data = await register_user(base_url, shared_secret, username, password)
         user_id, device_id = UserID(data["user_id"]), DeviceID(data["device_id"])
         state = _StateStore()
@@ -93,7 +96,7 @@ class EncryptingHuman:
         client.remove_dispatcher(DecryptionDispatcher)
         await machine.load()
         await machine.share_keys()
-        human = cls(client, machine)
+        human = cls(client, machine, HumanClient(base_url, user_id, data["access_token"]))
         client.add_event_handler(EventType.ALL, human._on_event)
         human._sync = client.start(None)
         return human
@@ -107,6 +110,7 @@ class EncryptingHuman:
     async def close(self) -> None:
         self.client.stop()
         await self.client.api.session.close()
+        await self.plain.close()
 
     async def _on_event(self, event: Event) -> None:
         if isinstance(event, EncryptedEvent):
@@ -180,6 +184,11 @@ class EncryptingHuman:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no matching event in {room_id} after {timeout:.0f}s")
             await asyncio.sleep(0.1)
+
+    async def catch_up(self, pause: float = 0.5) -> None:
+        """Let the background sync bring what was sent just now, and decrypt it."""
+        await asyncio.sleep(pause)
+        await self._decrypt_pending()
 
     def undecrypted(self, room_id: str) -> list[str]:
         """Event ids of encrypted messages in ``room_id`` we have no key for (yet)."""

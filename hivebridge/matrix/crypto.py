@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import aiohttp
+from mautrix.api import Method, Path
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.client import Client
 from mautrix.crypto import OlmMachine, PgCryptoStore
@@ -190,6 +191,7 @@ class Encryption:
             await store.put_device_id(device_id)
             await machine.share_keys()
             log.info("created device %s for %s", device_id, mxid)
+            await self._drop_other_devices(client, device_id)
         elif machine.account is None or not machine.account.shared:
             await machine.share_keys()
         elif not await self._keys_on_server(machine):
@@ -201,6 +203,21 @@ class Encryption:
         if self.self_sign:
             await self._self_sign(machine)
         return machine
+
+    async def _drop_other_devices(self, client: Client, keep: DeviceID) -> None:
+        """Delete the user's other devices (an earlier database's, whose keys are gone):
+        members' apps would otherwise keep encrypting for devices nobody reads. The
+        namespace is exclusively ours, so no one else has devices there (MSC4190 lets
+        an appservice delete them without interactive auth)."""
+        found = await client.api.request(Method.GET, Path.v3.devices)
+        for device in found.get("devices", []):
+            old = device.get("device_id")
+            if isinstance(old, str) and old != keep:
+                try:
+                    await client.api.request(Method.DELETE, Path.v3.devices[old], {})
+                    log.info("deleted %s's stale device %s", client.mxid, old)
+                except Exception as e:
+                    log.warning("could not delete %s's device %s: %s", client.mxid, old, e)
 
     async def _keys_on_server(self, machine: OlmMachine) -> bool:
         client = machine.client

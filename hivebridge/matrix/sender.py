@@ -30,12 +30,12 @@ from .crypto import Encryption
 log = logging.getLogger("hivebridge.sender")
 
 
-
 def encrypted_bytes(content: dict[str, Any]) -> int:
     """About how big ``content`` is once Megolm-encrypted: base64 (4/3) of the plain
     event as mautrix writes it (ASCII-escaped JSON: "ü" takes six bytes), plus the
     room id, type, MAC and the envelope's keys."""
     return len(json.dumps(content)) * 4 // 3 + 1_500
+
 
 #: Sends that fail on the way (connection refused, timeout, 5xx, 429) are retried
 #: with exponential backoff from this first pause, up to SEND_RETRY_MAX_DELAY_S ...

@@ -73,3 +73,30 @@ def test_demo_transcript_shows_the_whole_reply(tmp_path: Path) -> None:
     assert "where to look next:" in proc.stderr
     assert "make demo DEMO_ARGS=--keep" in proc.stderr
     assert re.search(r"http://127\.0\.0\.1:\d+/metrics", proc.stderr)
+
+
+def test_demo_encrypted_dm(tmp_path: Path) -> None:
+    """``--encrypted``: alice's app encrypts the DM; the transcript is what it decrypted,
+    the same text the bridge stored, and her question is stored as the bridge read it."""
+    if importlib.util.find_spec("synapse") is None:
+        skip_or_fail("matrix-synapse is not installed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hivebridge", "demo", "--encrypted", "--dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "opened an encrypted DM" in proc.stderr
+    assert "encrypted both ways" in proc.stderr
+    transcript = block(proc.stdout, "transcript")
+    assert transcript[0] == "<alice> Hello! Who are you?"
+    shown = "\n".join(transcript[1:]).removeprefix("<Assistant> ")
+    with sqlite3.connect(tmp_path / "d" / "bridge" / "hivebridge.db") as db:
+        (body,) = db.execute(
+            "SELECT a.body FROM messages a JOIN messages q "
+            "ON q.event_id = json_extract(a.content, '$.\"io.github.hivebridge.answers\"') "
+            "WHERE a.persona = 'assistant' AND q.body = 'Hello! Who are you?'"
+        ).fetchone()
+    assert shown.strip() and shown.rstrip("\n") == body
