@@ -38,6 +38,7 @@ from mautrix.crypto import StateStore as CryptoStateStore
 from mautrix.errors import (
     DecryptionError,
     EncryptionError,
+    MatrixRequestError,
     MForbidden,
     MNotFound,
     SessionNotFound,
@@ -185,7 +186,14 @@ class Encryption:
         device_id = DeviceID(known or "HB" + secrets.token_hex(5).upper())
         # MSC4190: creates the device, or renames it when it exists; from here on every
         # request of this client acts as the device (device_id query parameter).
-        await client.create_device_msc4190(device_id, self.device_name)
+        try:
+            await client.create_device_msc4190(device_id, self.device_name)
+        except MatrixRequestError as e:
+            raise RuntimeError(
+                f"the homeserver did not create a device for {mxid} ({e.errcode}: {e.message}); "
+                "does the registration have io.element.msc4190: true? (docs/operations.md, "
+                "Encrypted rooms)"
+            ) from e
         await machine.load()
         if not known:
             await store.put_device_id(device_id)

@@ -66,6 +66,11 @@ def bridge_config_yaml(
         "summaries": {"enabled": False},
         "metrics": {"enabled": False},
         "logging": {"level": log_level},
+        # As the dev stack has it (on): the keys then live in this bridge's database.
+        "encryption": {
+            "enabled": config.encryption.enabled,
+            "pickle_key": config.encryption.pickle_key,
+        },
     }
 
 
