@@ -221,6 +221,7 @@ class ReplyService:
         steps: list[GenerationStats] = []
         results: list[ToolResult] = []
         stream = LiveReply(self, intent, persona, msg, extra, existing=existing)
+        edits = 0  # of the messages of earlier tool steps; the last stream's are added below
         try:
             prompt, chapter = await self.history.prompt_for(
                 persona, msg, group=group, scene=scene.cue if scene is not None else None
@@ -257,6 +258,7 @@ class ReplyService:
                 # A step of tools: what streamed stays as its own message; the next
                 # step's text is a new one (the final reply: one event plus edits).
                 said = await stream.finish() and stream.text
+                edits += stream.edits_sent
                 hop_results = await self._run_tools(persona, msg, intent, calls, note, hop, names)
                 results.extend(hop_results)
                 messages += [
@@ -276,6 +278,7 @@ class ReplyService:
         finally:
             await self.sender.typing(intent, msg.room_id, False)
         event_id = await stream.finish()
+        edits += stream.edits_sent  # every edit this reply sent, in every step
         model = self.model_name(stats, persona.model or "default")
         if event_id is None or error:
             metrics.REPLIES_FAILED.labels("inference_error" if error else "empty").inc()
@@ -290,7 +293,7 @@ class ReplyService:
             )
             await self._settle(persona, msg, "failed", event_id)
             await self._done(
-                ReplyDone(persona, msg, event_id, stats, model, None, 0, error, tuple(results))
+                ReplyDone(persona, msg, event_id, stats, model, None, edits, error, tuple(results))
             )
             return event_id
         if results and self.tools_store is not None:
@@ -303,7 +306,7 @@ class ReplyService:
             "reply done: %d tokens, ttft %.2fs, %d edits, %d tool calls",
             stats.completion_tokens,
             stats.ttft_s or 0.0,
-            stream.edits_sent,
+            edits,
             len(results),
             extra={"room_id": msg.room_id, "persona": persona.name, "event_id": msg.event_id},
         )
@@ -319,7 +322,7 @@ class ReplyService:
                 stats,
                 model,
                 stream.first_visible_s,
-                stream.edits_sent,
+                edits,
                 tool_results=tuple(results),
             )
         )
