@@ -253,6 +253,7 @@ def _stats_text(s: dict[str, Any]) -> str:
         f"top users: {tallies('top_users')}",
         f"per persona: {tallies('by_persona')}",
         f"per model: {tallies('by_model')}",
+        f"asked by personas: {tallies('asked_by_personas')}",
         f"personas: {s.get('personas', 0)}; models: {models.get('known', 0)} known, "
         f"{models.get('loaded', 0)} loaded; up {_duration(float(s.get('uptime_s', 0)))}",
     ]
