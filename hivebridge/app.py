@@ -32,7 +32,7 @@ from .commands.base import CommandTable
 from .commands.context import ContextCommands
 from .commands.local_models import LocalModelCommands
 from .commands.meta import MetaCommands
-from .commands.models import ModelCommands, endpoint_affinity, resolve_key
+from .commands.models import ModelCommands
 from .commands.personas import PersonaCommands
 from .commands.reload import ReloadCommands
 from .commands.rooms import RoomCommands
@@ -73,6 +73,7 @@ from .inference.local.models import (
     scan_sources,
 )
 from .inference.local.settings import EngineSettings, WorkerProfile
+from .inference.remote import EndpointTimeouts
 from .inference.router import InferenceRouter
 from .inference.types import Backend
 from .logs import LogLevel
@@ -98,6 +99,7 @@ from .personas.tools.builtin import (
 from .personas.tools.toolbox import Toolbox
 from .registration import load_tokens
 from .reload import ConfigReloader, ReloadOutcome, TakesConfig
+from .security import EndpointPolicy
 from .web import WebServer
 
 log = logging.getLogger("hivebridge")
@@ -284,6 +286,7 @@ class Parts:
     history: ConversationHistory
     replies: ReplyService
     commands: CommandTable
+    model_commands: ModelCommands
     handler: RoomEventHandler
     admin: BridgeAdmin
     tools: Toolbox
@@ -319,6 +322,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         txns=TxnStore(db),
         is_own_user=namespace_matcher(config),
         summaries=SummaryStore(db),
+        max_body_bytes=config.appservice.max_transaction_bytes,
         server=config.homeserver.address,
         domain=config.homeserver.domain,
         as_token=as_token,
@@ -342,9 +346,15 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         busy_wait_s=local.busy_wait_s,
         hooks=model_hooks(),
     )
+    salt = session_salt(config)
     inference = InferenceRouter(
         config=RouterConfig(
-            routing=config.inference.endpoint_routing, session_salt=session_salt(config)
+            routing=config.inference.endpoint_routing,
+            session_salt=salt,
+            timeouts=EndpointTimeouts(
+                total_s=config.inference.remote_deadline_s,
+                discovery_s=config.inference.discovery_deadline_s,
+            ),
         ),
         fallback=models.backend(fallback),
         default_model=config.inference.default_model or local_name,
@@ -450,6 +460,11 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         endpoints,
         limits,
         models.count_tokens,
+        # What no endpoint may ever be sent, whatever security.* allows.
+        EndpointPolicy(
+            config.security,
+            [as_token, hs_token, config.admin_api.token, config.database_url(), salt.decode()],
+        ),
         config_endpoints=[e.name for e in config.endpoints],
     )
     model_commands.register(commands)
@@ -508,6 +523,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         history=history,
         replies=replies,
         commands=commands,
+        model_commands=model_commands,
         handler=handler,
         admin=admin,
         tools=toolbox,
@@ -578,20 +594,12 @@ class Bridge:
         await p.personas.load()
         await p.roles.load()
         await p.limits.load()
-        adds = [
-            p.inference.add_endpoint(
-                e.name, e.url, e.resolved_key(), affinity=endpoint_affinity(e), pool=e.pool
-            )
-            for e in config.endpoints
-        ]
-        adds += [
-            p.inference.add_endpoint(e.name, e.url, resolve_key(e.api_key))
-            for e in await p.endpoints.all()
-        ]
-        await asyncio.gather(*adds)
-        await p.catalogue.load()
-        p.inference.start()
         stack.push_async_callback(p.inference.aclose)
+        await p.model_commands.start_endpoints()
+        await p.catalogue.load()
+        # Models are discovered in the background: a stalled endpoint never holds up the
+        # start; the catalogue numbers them as they come.
+        p.inference.start(discover_now=True, on_refreshed=p.catalogue.sync)
         unfinished = await self.unfinished()
         if p.encryption is not None:
             await p.encryption.start()

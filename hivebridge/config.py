@@ -80,10 +80,30 @@ class AppserviceConfig:
     #: Tokens; normally read from the registration file, or HIVEBRIDGE_AS_TOKEN/HS_TOKEN.
     as_token: str | None = None
     hs_token: str | None = None
+    #: Largest transaction body taken. Synapse sends up to 100 events of up to 64 KiB,
+    #: escaped, in one transaction and retries a refused one forever, holding back every
+    #: later event: keep it at the default unless the homeserver's limits differ.
+    max_transaction_size: str = "32MiB"
+
+    @property
+    def max_transaction_bytes(self) -> int:
+        return parse_size(self.max_transaction_size)
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError("appservice.port", "must be between 1 and 65535")
+        try:
+            size = parse_size(self.max_transaction_size)
+        except ValueError:
+            raise ConfigError(
+                "appservice.max_transaction_size", "must be a size such as 32MiB"
+            ) from None
+        if size < 8 * 2**20:
+            raise ConfigError(
+                "appservice.max_transaction_size",
+                "must be at least 8MiB (100 events of 64 KiB: a smaller limit would "
+                "block the homeserver's queue)",
+            )
         if not _LOCALPART_RE.match(self.bot_localpart):
             raise ConfigError("appservice.bot_localpart", "not a valid Matrix localpart")
         if not _LOCALPART_RE.match(self.user_prefix):
@@ -327,6 +347,10 @@ class InferenceConfig:
     #: Secret key of the session ids sent to endpoints; empty: a random one kept in
     #: data_dir/session-salt (ids stay stable across restarts either way).
     session_salt: str | None = field(default=None, repr=False)
+    #: Seconds one remote request may take in all, however slowly its chunks arrive.
+    remote_deadline_s: float = 300.0
+    #: Seconds an endpoint gets to list its models (discovery runs in the background).
+    discovery_deadline_s: float = 15.0
 
     def profile(self, name: str | None) -> ProfileConfig | None:
         return next((p for p in self.profiles if p.name == name), None) if name else None
@@ -340,6 +364,10 @@ class InferenceConfig:
             raise ConfigError("inference.top_p", "must be in (0, 1]")
         if self.context_tokens < 64:
             raise ConfigError("inference.context_tokens", "must be at least 64")
+        if not 1 <= self.remote_deadline_s <= 3600:
+            raise ConfigError("inference.remote_deadline_s", "must be between 1 and 3600")
+        if not 1 <= self.discovery_deadline_s <= 600:
+            raise ConfigError("inference.discovery_deadline_s", "must be between 1 and 600")
         self.local.validate()
         if self.endpoint_routing not in ("sticky", "round_robin"):
             raise ConfigError("inference.endpoint_routing", "must be sticky or round_robin")
@@ -394,8 +422,9 @@ class EndpointConfig:
     api_key: str | None = field(default=None, repr=False)
     #: Name of an environment variable holding the API key (wins over api_key).
     api_key_env: str | None = None
-    #: Replicas of one server share a pool name: ``<pool>/<model>`` is routed over them
-    #: (a room stays on one replica and moves only when that replica fails).
+    #: Replicas of one server share a pool name: their models are ``<pool>/<model>``,
+    #: routed over them (a room stays on one replica and moves only when that replica
+    #: fails). Unset, the endpoint's models are ``<name>/<model>``.
     pool: str | None = None
     #: The session-id hint this endpoint's router reads (default: header x-session-id).
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
@@ -701,6 +730,39 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """What users of the bridge may point it at (docs/operations.md, "Security model")."""
+
+    #: ``!add_endpoint … env:VAR`` may name variables starting with this prefix (empty:
+    #: none by prefix). The bridge's own secrets are never sent, whatever is allowed here.
+    endpoint_key_env_prefix: str = "HIVEBRIDGE_ENDPOINT_KEY_"
+    #: More variables ``env:VAR`` may name, exactly.
+    endpoint_key_env: tuple[str, ...] = ()
+    #: Hosts endpoint URLs may use although they are loopback, private or link-local:
+    #: host names, addresses or networks (``10.0.0.0/8``). Others need ``--private``
+    #: from an owner.
+    private_endpoint_hosts: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.endpoint_key_env_prefix and not _ENV_NAME_RE.match(self.endpoint_key_env_prefix):
+            raise ConfigError(
+                "security.endpoint_key_env_prefix", "not the start of a variable name"
+            )
+        for name in self.endpoint_key_env:
+            if not _ENV_NAME_RE.match(name):
+                raise ConfigError(
+                    "security.endpoint_key_env", f"{name!r} is not an environment variable name"
+                )
+            if name in ENV_OVERRIDES:
+                raise ConfigError("security.endpoint_key_env", f"{name} is a secret of the bridge")
+        for host in self.private_endpoint_hosts:
+            if not host or any(c.isspace() or c in "/@" for c in host.split("/", 1)[0]):
+                raise ConfigError(
+                    "security.private_endpoint_hosts", f"{host!r} is not a host or network"
+                )
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus /metrics and the liveness probe."""
 
@@ -829,6 +891,7 @@ class Config:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin_api: AdminApiConfig = field(default_factory=AdminApiConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -847,6 +910,13 @@ class Config:
             if endpoint.name in seen:
                 raise ConfigError(f"endpoints[{i}].name", f"{endpoint.name!r} is used twice")
             seen.add(endpoint.name)
+        pools = {e.pool for e in self.endpoints if e.pool}
+        for i, endpoint in enumerate(self.endpoints):
+            if endpoint.pool is None and endpoint.name in pools:
+                # Its models would be served under the pool's names too.
+                raise ConfigError(
+                    f"endpoints[{i}].name", f"{endpoint.name!r} is also the name of a pool"
+                )
 
     # Derived values -----------------------------------------------------------
 

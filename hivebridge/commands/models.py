@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import metrics
@@ -15,10 +14,12 @@ from ..catalogue import ModelCatalogue, ModelEntry
 from ..config import Config, EndpointConfig
 from ..db.endpoints import EndpointStore, StoredEndpoint
 from ..inference.affinity import Affinity
-from ..inference.endpoints import EndpointInfo
+from ..inference.endpoints import EndpointConflict, EndpointInfo
 from ..inference.router import InferenceRouter
 from ..inference.types import ChatMessage, InferenceError, SamplingParams
+from ..permissions import role_allows
 from ..personas.limits import Limits
+from ..security import EndpointPolicy, Refused, env_reference
 from .base import CommandContext, CommandTable, UserError
 from .parser import CommandSpec, OptionSpec, ParsedCommand
 
@@ -26,7 +27,6 @@ log = logging.getLogger("hivebridge.commands.models")
 
 _ENDPOINT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _URL = re.compile(r"^https?://[^\s/@]+(:\d+)?(/\S*)?$")
-_ENV_REF = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
 #: Longest answer posted by !ask; the model's max_tokens bounds it anyway.
 MAX_ANSWER_CHARS = 8000
 
@@ -35,16 +35,6 @@ def endpoint_affinity(config: EndpointConfig) -> Affinity:
     """A config endpoint's affinity hint, as the inference layer takes it."""
     a = config.affinity
     return Affinity(kind=a.kind, header=a.header, slots=a.slots)  # type: ignore[arg-type]
-
-
-def resolve_key(raw: str | None, env: Mapping[str, str] | None = None) -> str | None:
-    """The key to send for a stored key: literal, or ``env:NAME`` read from the environment."""
-    if not raw:
-        return None
-    match = _ENV_REF.match(raw)
-    if match is None:
-        return raw
-    return (os.environ if env is None else env).get(match.group(1)) or None
 
 
 def safe_url(url: str) -> str:
@@ -65,6 +55,7 @@ class ModelCommands:
         endpoints: EndpointStore,
         limits: Limits,
         count_tokens: Callable[[str], int],
+        policy: EndpointPolicy,
         *,
         config_endpoints: Collection[str] = (),
     ) -> None:
@@ -74,8 +65,46 @@ class ModelCommands:
         self.endpoints = endpoints
         self.limits = limits
         self.count_tokens = count_tokens
+        self.policy = policy
         self.config_endpoints = set(config_endpoints)
         self._table: CommandTable | None = None
+
+    def config_key(self, endpoint: EndpointConfig) -> str | None:
+        """A config endpoint's key; the config may name any variable, but never one
+        holding a secret of the bridge (then it gets no key, and a warning)."""
+        key = endpoint.resolved_key()
+        if key and self.policy.is_own_secret(key):
+            log.warning(
+                "endpoint %s: its key is a secret of the bridge; it is sent without one",
+                endpoint.name,
+            )
+            return None
+        return key
+
+    async def start_endpoints(self) -> None:
+        """The config's and the stored endpoints, their models discovered later (in the
+        background), so a stalled endpoint never holds up the start. A stored endpoint
+        the security rules refuse now (its variable, its host) is left out, with a warning."""
+        pools = {e.pool for e in self.config.endpoints if e.pool}
+        for e in self.config.endpoints:
+            await self.router.add_endpoint(
+                e.name,
+                e.url,
+                self.config_key(e),
+                affinity=endpoint_affinity(e),
+                pool=e.pool,
+                discover=False,
+            )
+        for stored in await self.endpoints.all():
+            if stored.name in self.config_endpoints or stored.name in pools:
+                log.warning("stored endpoint %s: the config defines that name", stored.name)
+                continue
+            try:
+                key = self.policy.resolve_key(stored.api_key)
+                await self.policy.check_url(stored.url, allow_private=stored.private)
+                await self.router.add_endpoint(stored.name, stored.url, key, discover=False)
+            except (Refused, EndpointConflict) as e:
+                log.warning("stored endpoint %s is not used: %s", stored.name, e)
 
     async def apply_config(self, config: Config) -> None:
         """A reloaded config's endpoints at once (added, changed, removed) and its
@@ -99,10 +128,16 @@ class ModelCommands:
         await asyncio.gather(
             *(
                 self.router.add_endpoint(
-                    e.name, e.url, e.resolved_key(), affinity=endpoint_affinity(e), pool=e.pool
+                    e.name,
+                    e.url,
+                    self.config_key(e),
+                    affinity=endpoint_affinity(e),
+                    pool=e.pool,
+                    replace=True,
                 )
                 for e in changed
-            )
+            ),
+            return_exceptions=True,
         )
         if gone or changed:
             await self.catalogue.sync()
@@ -142,11 +177,13 @@ class ModelCommands:
         table.add(
             CommandSpec(
                 "add_endpoint",
-                "add_endpoint <name> <url> [api_key|env:VAR]",
-                "add an OpenAI-compatible endpoint (kept across restarts)",
+                "add_endpoint <name> <url> [api_key|env:VAR] [--private]",
+                "add an OpenAI-compatible endpoint (kept across restarts); its models are "
+                "<name>/<model>; --private (owners) allows a private host",
                 "trusted",
                 args=("name", "url"),
                 optional_args=("api_key",),
+                flags=(OptionSpec("private", "bool", help="allow a private host (owners)"),),
             ),
             self.add_endpoint,
         )
@@ -272,6 +309,7 @@ class ModelCommands:
     async def add_endpoint(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         name, url = cmd.args["name"].lower(), cmd.args["url"].rstrip("/")
         raw_key = cmd.args.get("api_key") or None
+        private = bool(cmd.flags.get("private"))
         if not _ENDPOINT_NAME.match(name):
             raise UserError("Endpoint names use 1-32 of a-z 0-9 _ . - (starting a-z 0-9).")
         if len(url) > 500 or not _URL.match(url):
@@ -280,18 +318,30 @@ class ModelCommands:
             )
         if name in self.config_endpoints:
             raise UserError(f"Endpoint {name} is defined in the config file; change it there.")
-        key = resolve_key(raw_key)
-        if raw_key and key is None:
-            raise UserError(f"{raw_key[:60]} is not set in the bridge's environment.")
-        info = await self.router.add_endpoint(name, url, key)
-        await self.endpoints.put(StoredEndpoint(name, url, raw_key, ctx.sender))
+        if self.router.endpoint_info(name) is not None or await self.endpoints.get(name):
+            raise UserError(
+                f"Endpoint {name} exists; {ctx.prefix}remove_endpoint {name} first to replace it.",
+                "conflict",
+            )
+        if private and not role_allows(ctx.role, "owner"):
+            raise UserError("--private needs the owner role.")
+        try:
+            self.router.pool.check_conflict(name, None)
+            key = self.policy.resolve_key(raw_key)
+            await self.policy.check_url(url, allow_private=private)
+            info = await self.router.add_endpoint(name, url, key)
+        except EndpointConflict as e:
+            raise UserError(f"Endpoint {name} refused: {e}.", "conflict") from None
+        except Refused as e:
+            raise UserError(str(e)) from None
+        await self.endpoints.put(StoredEndpoint(name, url, raw_key, ctx.sender, private=private))
         await self.catalogue.sync()
         if info.models and info.healthy:
             state = f"models: {', '.join(info.models)}"
         else:
             state = f"not reachable now ({info.last_error or 'no models'}); it will be retried"
-        text = f"Endpoint {name} added ({safe_url(url)}, key {info.masked_key}): {state}."
-        if raw_key and not raw_key.startswith("env:"):
+        text = f"Endpoint {name} added ({safe_url(url)}, {_key_source(raw_key)}): {state}."
+        if raw_key and env_reference(raw_key) is None:
             text += (
                 " Your command shows the key to this room: redact it, or give env:VARIABLE "
                 "(a variable of the bridge's environment) instead."
@@ -340,10 +390,9 @@ class ModelCommands:
             if info.cooldown_remaining_s > 0:
                 health += f", next probe in {info.cooldown_remaining_s:.0f}s"
         origin = "config" if info.name in self.config_endpoints else "added"
-        return (
-            f"{info.name} ({origin}) — {safe_url(info.url)} — key {info.masked_key} — "
-            f"{health} — models: {models}"
-        )
+        key = "no key" if info.masked_key == "(none)" else "key set"  # never any part of it
+        url = safe_url(info.url)
+        return f"{info.name} ({origin}) — {url} — {key} — {health} — models: {models}"
 
     # --- aliases ------------------------------------------------------------------------
 
@@ -368,6 +417,14 @@ class ModelCommands:
         if not await self.catalogue.remove_alias(alias):
             raise UserError(f"No alias {alias[:40]!r}; {ctx.prefix}aliases lists them.")
         await ctx.reply(f"Alias {alias} removed.")
+
+
+def _key_source(raw_key: str | None) -> str:
+    """Where an endpoint's key comes from, without any part of the key."""
+    if not raw_key:
+        return "no key"
+    variable = env_reference(raw_key)
+    return f"key from {variable}" if variable else "key given"
 
 
 def model_line(e: ModelEntry) -> str:

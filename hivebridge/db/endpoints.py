@@ -20,6 +20,8 @@ class StoredEndpoint:
     api_key: str | None = field(default=None, repr=False)  # never in reprs or logs
     created_by: str | None = None
     created_at: int = 0
+    #: An owner allowed its private host (``!add_endpoint … --private``).
+    private: bool = False
 
 
 class EndpointStore:
@@ -28,25 +30,37 @@ class EndpointStore:
 
     async def all(self) -> list[StoredEndpoint]:
         rows = await self.db.fetch(
-            "SELECT name, url, api_key, created_by, created_at FROM endpoints ORDER BY name"
+            "SELECT name, url, api_key, created_by, created_at, private FROM endpoints "
+            "ORDER BY name"
         )
         return [
-            StoredEndpoint(r["name"], r["url"], r["api_key"], r["created_by"], int(r["created_at"]))
+            StoredEndpoint(
+                r["name"],
+                r["url"],
+                r["api_key"],
+                r["created_by"],
+                int(r["created_at"]),
+                bool(r["private"]),
+            )
             for r in rows
         ]
+
+    async def get(self, name: str) -> StoredEndpoint | None:
+        return next((e for e in await self.all() if e.name == name), None)
 
     async def put(self, endpoint: StoredEndpoint) -> None:
         """Insert or replace by name."""
         await self.db.execute(
-            "INSERT INTO endpoints (name, url, api_key, created_by, created_at) "
-            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET url=excluded.url, "
+            "INSERT INTO endpoints (name, url, api_key, created_by, created_at, private) "
+            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO UPDATE SET url=excluded.url, "
             "api_key=excluded.api_key, created_by=excluded.created_by, "
-            "created_at=excluded.created_at",
+            "created_at=excluded.created_at, private=excluded.private",
             endpoint.name,
             endpoint.url,
             endpoint.api_key,
             endpoint.created_by,
             endpoint.created_at or int(time.time() * 1000),
+            endpoint.private,
         )
 
     async def remove(self, name: str) -> bool:

@@ -127,6 +127,14 @@ class MessageHandler:
         self._threads.pop(room_id, None)
         self._limit_charged.pop(room_id, None)
 
+    def is_command(self, msg: StoredMessage) -> bool:
+        """A command for the bot (never one a persona or the bot itself wrote)."""
+        return (
+            msg.sender != self.personas.bot_mxid
+            and not self.personas.is_ours(msg.sender)
+            and self.commands.is_command(msg.body)
+        )
+
     async def on_message(self, room_id: str, msg: StoredMessage, resumed: bool = False) -> None:
         if msg.sender == self.personas.bot_mxid:
             return

@@ -2,9 +2,12 @@
 
 Intake hands each event over (with its stored row when it is a message);
 membership events go to :class:`MembershipHandler`, messages to
-:class:`MessageHandler`. A message is marked handled once its routing
-finished; routing that lost its database connection is redone as resumed, so
-a persona whose reply job was written answers through it, never twice.
+:class:`MessageHandler`. Commands for the bot have a lane of their own per
+room, so ``!stop`` or ``!endpoints`` answers while a reply in that room is
+still being written (a slow endpoint can hold the reply lane for minutes).
+A message is marked handled once its routing finished; routing that lost its
+database connection is redone as resumed, so a persona whose reply job was
+written answers through it, never twice.
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ class RoomEventHandler:
         self.queues: RoomQueues[RoomWork] = RoomQueues(
             self._handle, droppable=self._droppable, on_drop=self._dropped
         )
+        #: Commands, in order among themselves, never behind a reply; a flood of them
+        #: loses its oldest (``self.queues`` keeps every command it is given).
+        self.command_lane: RoomQueues[RoomWork] = RoomQueues(
+            self._handle, droppable=lambda w: w.message is not None, on_drop=self._dropped
+        )
         self._overflowing: set[str] = set()
 
     def _droppable(self, work: RoomWork) -> bool:
@@ -116,7 +124,7 @@ class RoomEventHandler:
         elif stored is not None:
             if self.on_arrival is not None:
                 self.on_arrival(room_id, stored)
-            self.queues.push(room_id, RoomWork(message=stored))
+            self._lane(stored).push(room_id, RoomWork(message=stored))
         elif isinstance(event, RedactionEvent):
             self._redacted.add(str(event.redacts))
             self.queues.push(room_id, RoomWork(event=event))
@@ -136,7 +144,10 @@ class RoomEventHandler:
 
     def resume(self, message: StoredMessage) -> None:
         """Queue a stored message whose routing or reply never finished (after a crash)."""
-        self.queues.push(message.room_id, RoomWork(message=message, resumed=True))
+        self._lane(message).push(message.room_id, RoomWork(message=message, resumed=True))
+
+    def _lane(self, message: StoredMessage) -> RoomQueues[RoomWork]:
+        return self.command_lane if self.messages.is_command(message) else self.queues
 
     def forget_room(self, room_id: str) -> None:
         """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""
@@ -219,6 +230,7 @@ class RoomEventHandler:
     async def drain(self) -> None:
         """Wait until everything queued is handled and marked so in the database."""
         await self.queues.drain()
+        await self.command_lane.drain()
         await self.handled.flush()
 
     async def wind_down(self, grace_s: float, hurry: asyncio.Event | None = None) -> WindDown:
@@ -229,4 +241,5 @@ class RoomEventHandler:
 
     async def close(self) -> None:
         await self.queues.close()
+        await self.command_lane.close()
         await self.handled.flush()

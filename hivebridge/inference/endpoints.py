@@ -14,12 +14,16 @@ and no other room moves. ``routing="round_robin"`` turns all of that off (each
 request to the next endpoint in turn); it exists to measure what stickiness
 is worth (bench/pool.py), not to run with.
 
-Endpoints may share a *pool* name (several replicas of the same server): a
-model asked for as ``<pool>/<model>`` is planned over that pool's members only.
-
 Each endpoint has a circuit breaker (health.py); models are discovered with
 ``GET /v1/models`` at add time and in the background. The pool knows nothing
 of Matrix or databases: callers persist endpoints and aliases themselves.
+
+A remote model is known by its namespace and its id: ``gpu1/llama3`` is
+``llama3`` as endpoint ``gpu1`` lists it. The namespace is the endpoint's name,
+or the *pool* name several replicas of one server share (``llama/llama3``
+served by gpu1 and gpu2, planned over that pool's members only). Local model
+names never hold a ``/``, so whatever an endpoint lists can never take a local
+model's traffic, nor one endpoint another's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +47,19 @@ from .remote import EndpointTimeouts, RemoteEndpoint
 from .types import ChatMessage, Generation, InferenceError, SamplingParams
 
 log = logging.getLogger(__name__)
+
+#: Model ids taken from an endpoint's list: printable, no spaces, not too long; others
+#: are dropped (they are shown in rooms and stored in the catalogue).
+_MODEL_ID_RE = re.compile(r"^[^\s/][^\s]{0,199}$")
+
+
+def remote_name(namespace: str, model: str) -> str:
+    """The name a remote model is known by: ``namespace/model``."""
+    return f"{namespace}/{model}"
+
+
+class EndpointConflict(ValueError):
+    """An endpoint's name or pool clashes with one the pool has; the text says how."""
 
 
 class Deployment(Protocol):
@@ -116,12 +134,30 @@ class Member:
 
     deployment: Deployment
     breaker: CircuitBreaker
-    models: list[str] = field(default_factory=list)
-    pool: str | None = None  # replicas sharing a pool name serve ``<pool>/<model>``
+    models: list[str] = field(default_factory=list)  # ids as the endpoint lists them
+    #: Replicas sharing a pool name serve ``<pool>/<model>``; unpooled, ``<name>/<model>``.
+    pool: str | None = None
 
     @property
     def name(self) -> str:
         return self.deployment.name
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of its models' names: its pool's name, else its own."""
+        return self.pool or self.deployment.name
+
+    def names(self) -> list[str]:
+        """Its models by the names requests use (``namespace/id``)."""
+        return [remote_name(self.namespace, m) for m in self.models]
+
+    def model_id(self, name: str) -> str | None:
+        """The id to send for the model named ``name``; None when it does not serve it."""
+        prefix = self.namespace + "/"
+        if not name.startswith(prefix):
+            return None
+        model = name[len(prefix) :]
+        return model if model in self.models else None
 
 
 class EndpointPool:
@@ -172,12 +208,16 @@ class EndpointPool:
         models: Sequence[str] | None = None,
         *,
         pool: str | None = None,
+        replace: bool = False,
     ) -> Member:
-        """Add (or replace) an endpoint; ``models=None`` discovers them now.
+        """Add an endpoint; ``models=None`` discovers them now. ``pool`` names the
+        namespace it shares with others; ``replace`` allows replacing one of the
+        same name (a reloaded config), otherwise that is an :class:`EndpointConflict`.
 
         A failed discovery does not refuse the endpoint: its breaker says why it
         is unhealthy, and the next :meth:`refresh` tries again.
         """
+        self.check_conflict(deployment.name, pool, replace=replace)
         old = self._members.pop(deployment.name, None)
         if old is not None and old.deployment is not deployment:
             await _close_quietly(old.deployment)
@@ -188,8 +228,21 @@ class EndpointPool:
         if models is None:
             await self._discover(member)
         else:
-            member.models = list(models)
+            member.models = _usable(models, deployment.name)
         return member
+
+    def check_conflict(self, name: str, pool: str | None, *, replace: bool = False) -> None:
+        """Refuse a second endpoint of one name, and a namespace that would mix an
+        endpoint's models with another's without a pool both declared."""
+        if name in self._members and not replace:
+            raise EndpointConflict(f"an endpoint named {name} exists")
+        for other in self._members.values():
+            if other.name == name:
+                continue
+            if pool is None and other.namespace == name:
+                raise EndpointConflict(f"{name} is the name of a pool of endpoints")
+            if pool is not None and other.namespace == pool and other.pool is None:
+                raise EndpointConflict(f"pool {pool} is the name of an endpoint")
 
     async def remove(self, name: str) -> bool:
         """Forget an endpoint and close its client; streams running on it will fail."""
@@ -223,16 +276,25 @@ class EndpointPool:
             member.breaker.mark_down(str(exc))  # it did not answer: down until a probe does
             log.warning("model discovery failed: %s", exc)
             return str(exc)
-        member.models = list(models)  # failures keep the last known list
+        member.models = _usable(models, member.name)  # failures keep the last known list
         if member.breaker.state is not BreakerState.OPEN:
             member.breaker.record_success()
         return None
 
-    def start(self) -> None:
-        """Start background rediscovery (``config.refresh_interval_s``) and the probes of
-        endpoints that are down (``config.probe_interval_s``)."""
-        if self.config.refresh_interval_s > 0 and self._refresh_task is None:
-            self._refresh_task = asyncio.create_task(self._refresh_loop())
+    def start(
+        self,
+        *,
+        discover_now: bool = False,
+        on_refreshed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Start background discovery: at once with ``discover_now`` (endpoints added
+        at start without waiting for them), then every ``config.refresh_interval_s``;
+        and the probes of endpoints that are down (``config.probe_interval_s``).
+        ``on_refreshed`` runs after each round (the catalogue numbers new models)."""
+        if self._refresh_task is None and (discover_now or self.config.refresh_interval_s > 0):
+            self._refresh_task = asyncio.create_task(
+                self._refresh_loop(discover_now, on_refreshed), name="endpoint-discovery"
+            )
         if self.config.probe_interval_s > 0 and self._probe_task is None:
             self._probe_task = asyncio.create_task(self._probe_loop())
 
@@ -259,11 +321,20 @@ class EndpointPool:
             except Exception:
                 log.exception("endpoint probe failed")
 
-    async def _refresh_loop(self) -> None:
+    async def _refresh_loop(
+        self, now: bool, on_refreshed: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        interval = self.config.refresh_interval_s
         while True:
-            await asyncio.sleep(self.config.refresh_interval_s)
+            if not now:
+                if interval <= 0:
+                    return
+                await asyncio.sleep(interval)
+            now = False
             try:
                 await self.refresh()
+                if on_refreshed is not None:
+                    await on_refreshed()
             except Exception:
                 log.exception("endpoint refresh failed")
 
@@ -305,7 +376,7 @@ class EndpointPool:
             healthy=b.state is BreakerState.CLOSED,
             state=str(b.state),
             latency_ms=None if b.latency_s is None else round(b.latency_s * 1000, 1),
-            models=tuple(member.models),
+            models=tuple(member.names()),
             last_error=b.last_error,
             cooldown_remaining_s=round(b.cooldown_remaining(), 2),
             pool=member.pool,
@@ -320,7 +391,7 @@ class EndpointPool:
         Includes endpoints whose breaker is open: the request skips them and notes it.
         """
         model = self.resolve(model)
-        names = self._serving(model)
+        names = [n for n, m in self._members.items() if m.model_id(model) is not None]
         if self.config.routing == "round_robin":
             if names:
                 self._turn += 1
@@ -337,21 +408,10 @@ class EndpointPool:
             names.insert(0, sticky)
         return names
 
-    def _serving(self, model: str) -> list[str]:
-        """Members listing ``model``; ``<pool>/<model>``: that pool's members listing it."""
-        found = [n for n, m in self._members.items() if model in m.models]
-        if found or "/" not in model:
-            return found
-        pool, _, inner = model.partition("/")
-        return [n for n, m in self._members.items() if m.pool == pool and inner in m.models]
-
-    def model_on(self, member: Member, model: str) -> str:
-        """The name ``member`` knows ``model`` by (``<pool>/<model>`` -> ``<model>``)."""
-        model = self.resolve(model)
-        if model in member.models or member.pool is None:
-            return model
-        pool, _, inner = model.partition("/")
-        return inner if pool == member.pool else model
+    def model_on(self, member: Member, model: str) -> str | None:
+        """The id ``member`` knows ``model`` by (``<namespace>/<id>`` -> ``<id>``);
+        None when it does not serve it."""
+        return member.model_id(self.resolve(model))
 
     def pools(self) -> dict[str, list[str]]:
         """Pool name -> its members' names."""
@@ -378,6 +438,14 @@ class EndpointPool:
         r = self.config.retry
         base = min(r.backoff_max_s, r.backoff_s * (2 ** max(0, retry_no - 1)))
         return max(0.0, base * (1 + random.uniform(-r.jitter, r.jitter)))
+
+
+def _usable(models: Sequence[str], endpoint: str) -> list[str]:
+    """The ids fit to become model names; the others are dropped with a warning."""
+    usable = [m for m in dict.fromkeys(models) if isinstance(m, str) and _MODEL_ID_RE.match(m)]
+    if len(usable) < len(models):
+        log.warning("endpoint %s: %d listed model ids ignored", endpoint, len(models) - len(usable))
+    return usable
 
 
 def _rendezvous(session: str, name: str) -> int:

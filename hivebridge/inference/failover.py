@@ -132,7 +132,8 @@ class FailoverGeneration(StreamingGeneration):
 
     def _copy_stats(self, inner: GenerationStats) -> None:
         s = self.stats
-        s.model = inner.model or s.model
+        # An endpoint reports the id it knows the model by; here it is ``namespace/id``.
+        s.model = self.model if self._served is not None else (inner.model or s.model)
         s.prompt_tokens = inner.prompt_tokens
         s.cached_tokens = inner.cached_tokens
         s.evaluated_tokens = inner.evaluated_tokens
@@ -185,6 +186,9 @@ class FailoverGeneration(StreamingGeneration):
                 member = pool.member(name)
                 if member is None or name in given_up:
                     continue
+                model_id = pool.model_on(member, self.model)
+                if model_id is None:  # it stopped listing the model since the plan
+                    continue
                 if not member.breaker.allow():
                     if name not in noted_open:
                         noted_open.add(name)
@@ -202,10 +206,7 @@ class FailoverGeneration(StreamingGeneration):
                 started = time.monotonic()
                 try:
                     gen = member.deployment.generate(
-                        self._messages,
-                        self._params,
-                        session=self.session,
-                        model=pool.model_on(member, self.model),
+                        self._messages, self._params, session=self.session, model=model_id
                     )
                     first = await self._start(gen)
                 except RemoteError as exc:

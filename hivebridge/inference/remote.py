@@ -4,16 +4,24 @@ The ``openai`` client's own retries are switched off (``max_retries=0``): they
 only cover connecting and would hide failures from the router, which retries
 across endpoints itself and only before the first token. Every error leaves this
 module as an :class:`InferenceError` whose message is safe to show in a room:
-the API key is scrubbed out and the original exception is not chained.
+it says what failed (status, timeout) but never what the endpoint answered, which
+is the endpoint's text and may be anything; a short excerpt of it, key scrubbed,
+goes to the log. The original exception is not chained.
+
+Every request has a total deadline (:attr:`EndpointTimeouts.total_s`) and every
+discovery one of its own (``discovery_s``): an endpoint that sends a chunk now
+and then, each in time for the read timeout, cannot hold a reply for longer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
+import time
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import openai
@@ -45,6 +53,7 @@ _MAX_DETAIL = 200
 #: (ten thousand names, megabyte names) must not grow them without bound.
 MAX_MODELS_PER_ENDPOINT = 256
 MAX_MODEL_NAME_CHARS = 200
+T = TypeVar("T")
 
 
 class Secret:
@@ -144,15 +153,21 @@ class StreamInterrupted(RemoteError):
     transient = True
 
 
+class DeadlineExceeded(EndpointUnavailable):
+    """The request (or discovery) ran past its total deadline."""
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointTimeouts:
-    """Seconds. ``read_s`` bounds the wait for each chunk, so also time to first token."""
+    """Seconds. ``read_s`` bounds the wait for each chunk, so also time to first token;
+    ``total_s`` the whole request, however the chunks trickle in."""
 
     connect_s: float = 5.0
     read_s: float = 60.0
     write_s: float = 10.0
     pool_s: float = 5.0
-    discovery_s: float = 10.0  # whole /v1/models call
+    discovery_s: float = 15.0  # whole /v1/models call
+    total_s: float = 300.0  # whole chat completion, first byte to last
 
 
 # --- endpoint ------------------------------------------------------------------------
@@ -215,10 +230,19 @@ class RemoteEndpoint:
 
     async def list_models(self) -> list[str]:
         """Model ids served, via ``GET /v1/models``; also remembered in :attr:`models`."""
-        client = self._client.with_options(timeout=self.timeouts.discovery_s)
+        limit = self.timeouts.discovery_s
+        client = self._client.with_options(timeout=limit)
         try:
-            page = await client.models.list()
+            page = await asyncio.wait_for(client.models.list(), limit)
             listed = [m.id for m in page.data]
+        except TimeoutError:
+            err: RemoteError = DeadlineExceeded(
+                f"endpoint {self.name}: listing its models took over {limit:g}s",
+                endpoint=self.name,
+                kind="timeout",
+            )
+            self.count_error(err)
+            raise err from None
         except Exception as exc:
             err = self.map_error(exc)
             self.count_error(err)
@@ -329,12 +353,28 @@ class RemoteEndpoint:
         return kwargs
 
     def scrub(self, text: str) -> str:
-        """Remove the key from ``text`` and keep it short enough for a chat message."""
+        """Remove the key from ``text`` and keep it short: an excerpt for the log."""
         key = self._key.reveal()
         if key and len(key) >= 4:
-            text = text.replace(key, self.masked_key())
+            text = text.replace(key, "***")
         text = " ".join(text.split())
         return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 1] + "…"
+
+    def _log_detail(self, what: str, detail: str) -> None:
+        """What the endpoint said, for the operator only (bounded, key scrubbed)."""
+        if detail:
+            log.info("endpoint %s: %s: %r", self.name, what, self.scrub(detail))
+
+    async def within(self, step: Awaitable[T], deadline: float) -> T:
+        """``step``, or :class:`DeadlineExceeded` once ``deadline`` (monotonic) passed."""
+        try:
+            return await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"endpoint {self.name}: no complete answer within {self.timeouts.total_s:g}s",
+                endpoint=self.name,
+                kind="timeout",
+            ) from None
 
     def map_error(self, exc: BaseException) -> RemoteError:
         """Translate a client exception into a safe :class:`RemoteError`."""
@@ -349,8 +389,9 @@ class RemoteEndpoint:
             )
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            detail = self.scrub(_status_detail(exc))
-            msg = f"endpoint {name}: HTTP {status}" + (f": {detail}" if detail else "")
+            # The body is the endpoint's text: logged, never put in a message for a room.
+            self._log_detail(f"HTTP {status}", _status_detail(exc) or str(exc.body or ""))
+            msg = f"endpoint {name}: HTTP {status}"
             if status in (401, 403):
                 return EndpointAuthError(
                     f"endpoint {name}: HTTP {status}: the API key was refused",
@@ -362,11 +403,15 @@ class RemoteEndpoint:
             if status in (408, 409, 425, 429) or status >= 500:
                 return EndpointUnavailable(msg, endpoint=name, status=status)
             return RequestRejected(msg, endpoint=name, status=status)
+        self._log_detail(type(exc).__name__, str(exc))
         if isinstance(exc, openai.OpenAIError):
-            return EndpointUnavailable(f"endpoint {name}: {self.scrub(str(exc))}", endpoint=name)
+            # Decoding errors and the like; their text may quote the response.
+            return EndpointUnavailable(
+                f"endpoint {name}: unusable answer ({type(exc).__name__})", endpoint=name
+            )
         # Transport errors escaping the client mid-stream (httpx read errors etc.).
         return EndpointUnavailable(
-            f"endpoint {name}: {type(exc).__name__}: {self.scrub(str(exc))}",
+            f"endpoint {name}: {type(exc).__name__}",
             endpoint=name,
             kind="timeout" if isinstance(exc, TimeoutError) else "connect",
         )
@@ -508,11 +553,15 @@ class RemoteGeneration(StreamingGeneration):
         if isinstance(exc, RemoteError):
             self.endpoint.count_error(exc)  # once per failed request, wherever in it it failed
 
+    @property
+    def _deadline(self) -> float:
+        return self.stats.started_at + self.endpoint.timeouts.total_s
+
     async def _open(self) -> Any:
         ep = self.endpoint
         kwargs = ep._request_kwargs(self.stats.model, self._messages, self._params, self.session)
         try:
-            return await ep._client.chat.completions.create(**kwargs)
+            return await ep.within(ep._client.chat.completions.create(**kwargs), self._deadline)
         except openai.APIStatusError as exc:
             if exc.status_code in (400, 422) and self._params.tools and _about_tools(exc):
                 # vLLM without a tool parser, servers without tool support: ask for the
@@ -529,7 +578,9 @@ class RemoteGeneration(StreamingGeneration):
                     self.stats.model, self._messages, self._params, self.session
                 )
                 try:
-                    return await ep._client.chat.completions.create(**kwargs)
+                    return await ep.within(
+                        ep._client.chat.completions.create(**kwargs), self._deadline
+                    )
                 except Exception as exc2:
                     raise ep.map_error(exc2) from None
             raise ep.map_error(exc) from None
@@ -548,8 +599,13 @@ class RemoteGeneration(StreamingGeneration):
         text_calls = TextCallFilter() if names else None
         envelope = EnvelopeStream() if self._envelope_tools else None
         parts: dict[int, _CallParts] = {}
+        chunk_iter = aiter(self._stream_response)
         try:
-            async for chunk in self._stream_response:
+            while True:
+                try:
+                    chunk = await ep.within(anext(chunk_iter), self._deadline)
+                except StopAsyncIteration:
+                    break
                 usage = getattr(chunk, "usage", None)
                 if usage is not None:
                     _apply_usage(stats, usage)

@@ -55,14 +55,25 @@ class InferenceRouter:
         timeouts: EndpointTimeouts | None = None,
         affinity: Affinity | None = None,
         pool: str | None = None,
+        replace: bool = False,
+        discover: bool = True,
     ) -> EndpointInfo:
-        """Add (or replace) an endpoint and discover its models at once.
+        """Add an endpoint and discover its models at once (or, with ``discover=False``,
+        in the background).
 
         ``affinity``: where its router reads session ids (a header by default);
-        ``pool``: the replica pool it belongs to (``<pool>/<model>`` plans over it).
+        ``pool``: the replica pool it belongs to (its models are ``<pool>/<model>``);
+        ``replace``: replace one of that name (else that is an ``EndpointConflict``).
         """
         deployment = self.pool.remote(name, url, api_key, timeouts, affinity)
-        return await self.add_deployment(deployment, pool=pool)
+        try:
+            member = await self.pool.add(
+                deployment, None if discover else (), pool=pool, replace=replace
+            )
+        except Exception:
+            await deployment.aclose()
+            raise
+        return self.pool.info(member)
 
     async def add_deployment(
         self,
@@ -70,9 +81,10 @@ class InferenceRouter:
         models: Sequence[str] | None = None,
         *,
         pool: str | None = None,
+        replace: bool = False,
     ) -> EndpointInfo:
         """Add any :class:`Deployment`; ``models=None`` discovers them now."""
-        return self.pool.info(await self.pool.add(deployment, models, pool=pool))
+        return self.pool.info(await self.pool.add(deployment, models, pool=pool, replace=replace))
 
     async def remove_endpoint(self, name: str) -> bool:
         return await self.pool.remove(name)
@@ -80,8 +92,14 @@ class InferenceRouter:
     async def refresh(self, name: str | None = None) -> dict[str, str | None]:
         return await self.pool.refresh(name)
 
-    def start(self) -> None:
-        self.pool.start()
+    def start(
+        self,
+        *,
+        discover_now: bool = False,
+        on_refreshed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Background discovery; see :meth:`EndpointPool.start`."""
+        self.pool.start(discover_now=discover_now, on_refreshed=on_refreshed)
 
     async def aclose(self) -> None:
         """Stop rediscovery and close every endpoint client (not local backends)."""
@@ -121,10 +139,8 @@ class InferenceRouter:
         """Model -> names of the endpoints serving it (local-only models map to [])."""
         index: dict[str, list[str]] = {}
         for member in self.pool.members():
-            for model in member.models:
+            for model in member.names():
                 index.setdefault(model, []).append(member.name)
-                if member.pool is not None:
-                    index.setdefault(f"{member.pool}/{model}", []).append(member.name)
         for model in self._local:
             index.setdefault(model, [])
         return index

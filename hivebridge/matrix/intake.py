@@ -40,6 +40,17 @@ MAX_UNSETTLED = 1024
 #: Transaction ids answered from memory; older retries are found in the database.
 MAX_SEEN_TRANSACTIONS = 4096
 
+#: The largest transaction body taken by default. Synapse caps a transaction at 100
+#: events but not in bytes; an event is at most 64 KiB as canonical JSON, and Synapse
+#: sends it ASCII-escaped (a 2- or 4-byte character becomes a 6- or 12-byte escape, so
+#: up to 3x), plus ephemeral and to-device events: 100 x 64 KiB x 3 rounded up. A body
+#: refused for its size would be retried by Synapse forever, blocking every later event.
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+
+#: Deeper events are skipped (logged), not stored: storing them would fail the whole
+#: transaction, and Synapse would retry it forever. Real events nest a few levels.
+MAX_EVENT_DEPTH = 64
+
 EventSink = Callable[[Event, "StoredMessage | None"], Awaitable[None] | None]
 """Receives each event in order, with its stored row when it is a message to route."""
 
@@ -77,13 +88,17 @@ class Intake(AppService):
         summaries: SummaryStore | None = None,
         encryption: Encryption | None = None,
         key_wait_s: float = 30.0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         **kwargs: Any,
     ) -> None:
         """``summaries``: chapter summaries a redaction must drop (None: none kept).
         ``encryption``: decrypt encrypted room events and take in the keys that
         transactions bring; an event whose key has not come waits up to ``key_wait_s``
-        for it, then goes to the sink still encrypted (unreadable)."""
-        super().__init__(**kwargs)
+        for it, then goes to the sink still encrypted (unreadable). ``max_body_bytes``:
+        the largest transaction taken."""
+        params = dict(kwargs.pop("aiohttp_params", None) or {})
+        params["client_max_size"] = max_body_bytes
+        super().__init__(aiohttp_params=params, **kwargs)
         self.runner = None  # mautrix only sets it in start(); stop() must work before that
         self._is_own = is_own_user
         self.messages = messages
@@ -137,7 +152,18 @@ class Intake(AppService):
             return denied
         try:
             data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except web.HTTPRequestEntityTooLarge:
+            outcomes.labels("rejected").inc()
+            log.error(
+                "a transaction of %s bytes is over appservice.max_transaction_size; "
+                "the homeserver will retry it until the limit is raised",
+                request.content_length,
+            )
+            return web.json_response(
+                {"errcode": "M_TOO_LARGE", "error": "Transaction too large"}, status=413
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            # RecursionError: nesting too deep for the parser (thousands of levels).
             outcomes.labels("rejected").inc()
             return web.json_response(
                 {"errcode": "M_NOT_JSON", "error": "Body is not JSON"}, status=400
@@ -233,6 +259,7 @@ class Intake(AppService):
         its encrypted events are decrypted and stored like any message; one whose
         key is still missing waits for it (:meth:`_read_later`).
         """
+        events = [raw for raw in events if _shallow(raw)]
         unread: list[dict[str, Any]] = []
         if self.encryption is not None:
             await self.encryption.take_transaction(
@@ -443,3 +470,29 @@ class Intake(AppService):
         result = self._sink(event, fresh.get(str(getattr(event, "event_id", ""))))
         if result is not None:
             await result
+
+
+def _shallow(raw: Any) -> bool:
+    """False (and a warning) for an event nested deeper than :data:`MAX_EVENT_DEPTH`."""
+    depth = json_depth(raw, MAX_EVENT_DEPTH + 1)
+    if depth <= MAX_EVENT_DEPTH:
+        return True
+    event_id = raw.get("event_id") if isinstance(raw, dict) else None
+    log.warning("skipping event %.80s: nested deeper than %d levels", event_id, MAX_EVENT_DEPTH)
+    return False
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests (a scalar is 0), counted up to ``limit``, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            if depth >= limit:
+                return limit
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth) for child in children)
+    return deepest

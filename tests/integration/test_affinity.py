@@ -37,7 +37,9 @@ async def _send(fake: FakeOpenAI, affinity: Affinity | None) -> list[Received]:
     try:
         await router.add_endpoint("gpu1", fake.base_url, affinity=affinity)
         for session in (ROOM_A, ROOM_B, ROOM_A):
-            gen = router.generate(MSGS, SamplingParams(max_tokens=4), session=session, model="m")
+            gen = router.generate(
+                MSGS, SamplingParams(max_tokens=4), session=session, model="gpu1/m"
+            )
             assert await collect(gen) == "hello"
     finally:
         await router.aclose()

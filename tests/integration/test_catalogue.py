@@ -17,9 +17,15 @@ import pytest
 
 from hivebridge.catalogue import ModelCatalogue
 from hivebridge.commands.base import CommandContext, CommandTable
-from hivebridge.commands.models import ModelCommands, failover_note, resolve_key, safe_url
+from hivebridge.commands.models import ModelCommands, failover_note, safe_url
 from hivebridge.commands.stats import StatsCommands
-from hivebridge.config import Config, HomeserverConfig, InferenceConfig, LimitsConfig
+from hivebridge.config import (
+    Config,
+    HomeserverConfig,
+    InferenceConfig,
+    LimitsConfig,
+    SecurityConfig,
+)
 from hivebridge.db import open_database
 from hivebridge.db.catalogue import CatalogueStore
 from hivebridge.db.endpoints import EndpointStore, StoredEndpoint
@@ -31,12 +37,16 @@ from hivebridge.inference.remote import EndpointTimeouts
 from hivebridge.inference.router import InferenceRouter
 from hivebridge.permissions import Role
 from hivebridge.personas.limits import Limits
+from hivebridge.security import EndpointPolicy
 from tests.support.llama_server import LlamaServer, llama_server_missing, start_llama_server
 
 pytestmark = pytest.mark.model
 
 KEY = "sk-catalogue-SECRET-91b2c3d4"
+KEY_ENV = "HIVEBRIDGE_ENDPOINT_KEY_CATALOGUE"
 ALIAS = "smollm2"
+#: The model as endpoint gpu1 serves it.
+REMOTE = f"gpu1/{ALIAS}"
 OWNER = "@boss:x"
 FAST = RouterConfig(
     retry=RetryPolicy(max_attempts=2, backoff_s=0.05),
@@ -84,6 +94,8 @@ def config(**limits: object) -> Config:
         homeserver=HomeserverConfig("http://127.0.0.1:1", "x"),
         inference=InferenceConfig(max_tokens=8, max_tokens_limit=64, temperature=0.0),
         limits=replace(LimitsConfig(requests_per_minute=0), **limits),  # type: ignore[arg-type]
+        # The test's servers listen on 127.0.0.1: the operator allows that host.
+        security=SecurityConfig(private_endpoint_hosts=("127.0.0.1",)),
     )
 
 
@@ -118,16 +130,18 @@ async def harness(
     db = await open_database(db_url)
     router = InferenceRouter(fallback=local.backend(BUNDLED_MODEL_NAME), config=FAST)
     stored = EndpointStore(db)
-    for e in await stored.all():
-        await router.add_endpoint(e.name, e.url, resolve_key(e.api_key))
     catalogue = ModelCatalogue(CatalogueStore(db), router, local)
-    await catalogue.load()
     usage = UsageStore(db)
     limits = Limits(
         cfg.limits, usage, RateLimitStore(db), lambda m: "owner" if m == OWNER else "user"
     )
     table = CommandTable()
-    ModelCommands(cfg, catalogue, router, stored, limits, local.count_tokens).register(table)
+    policy = EndpointPolicy(cfg.security, ["as-token-of-the-bridge", "hs-token-of-the-bridge"])
+    commands = ModelCommands(cfg, catalogue, router, stored, limits, local.count_tokens, policy)
+    commands.register(table)
+    await commands.start_endpoints()
+    await router.refresh()
+    await catalogue.load()
     StatsCommands(usage, "@bot:x").register(table)
     return Harness(table, catalogue, router, Room()), db
 
@@ -177,21 +191,22 @@ async def test_commands_against_real_endpoint(
         assert "needs the trusted role" in refused and KEY not in refused
         assert "URL must be" in await h.run("!add_endpoint gpu1 ftp://nope")
 
-        os.environ["HB_TEST_CATALOGUE_KEY"] = KEY
-        added = await h.run(f"!add_endpoint gpu1 {server.base_url} env:HB_TEST_CATALOGUE_KEY")
-        assert f"models: {ALIAS}" in added and KEY not in added, added
+        os.environ[KEY_ENV] = KEY
+        added = await h.run(f"!add_endpoint gpu1 {server.base_url} env:{KEY_ENV}")
+        assert f"models: {REMOTE}" in added and KEY not in added, added
+        assert "c3d4" not in added and f"key from {KEY_ENV}" in added  # no part of the key
         listing = await h.run("!endpoints")
         assert "gpu1 (added)" in listing and "healthy" in listing and KEY not in listing
-        assert "…c3d4" in listing  # masked, still tells keys apart
+        assert "key set" in listing and "c3d4" not in listing
         models = await h.run("!models")
-        assert f"2. {ALIAS} — endpoint gpu1 — loaded" in models, models
+        assert f"2. {REMOTE} — endpoint gpu1 — loaded" in models, models
 
-        assert "Alias fast → 2. smollm2" in await h.run("!alias fast 2")
+        assert f"Alias fast → 2. {REMOTE}" in await h.run("!alias fast 2")
         assert "No model" in await h.run("!alias slow 99")
-        assert "already a model name" in await h.run(f"!alias {ALIAS} 1")
-        assert "fast → 2. smollm2" in await h.run("!aliases")
+        assert "already a model name" in await h.run(f"!alias {BUNDLED_MODEL_NAME} 2")
+        assert f"fast → 2. {REMOTE}" in await h.run("!aliases")
         answer = await h.run("!ask fast Say hi. max_tokens=6")
-        assert answer.startswith(f"[{ALIAS}] ") and "unavailable" not in answer, answer
+        assert answer.startswith(f"[{REMOTE}] ") and "unavailable" not in answer, answer
         assert h.router.sticky_endpoint("!room:x|ask") == "gpu1"  # really the endpoint
 
         # Validation: one usage line each, never a traceback.
@@ -205,32 +220,36 @@ async def test_commands_against_real_endpoint(
             reply = await h.run(bad)
             assert word in reply and "Traceback" not in reply, reply
 
-        # An endpoint that goes away: the next !ask is answered locally and says so.
+        # A name in use is refused; an owner removes it first, then adds the other one.
         spare = start_llama_server(ALIAS)
         try:
-            assert "models: smollm2" in await h.run(f"!add_endpoint spare {spare.base_url}")
+            again = await h.run(f"!add_endpoint gpu1 {spare.base_url}")
+            assert "Endpoint gpu1 exists; !remove_endpoint gpu1 first" in again, again
             await h.run("!remove_endpoint gpu1")
-            assert "key (none)" in await h.run("!endpoints")
+            added = await h.run(f"!add_endpoint gpu1 {spare.base_url}")
+            assert f"models: {REMOTE}" in added, added
+            assert "no key" in await h.run("!endpoints")
         finally:
             spare.stop()
+        # An endpoint that goes away: the next !ask is answered locally and says so.
         answer = await h.run("!ask fast Say hi. max_tokens=6")
-        assert answer.startswith(f"[{ALIAS}] "), answer
-        assert "(endpoint spare unavailable; answered by local fallback" in answer, answer
-        await h.run("!remove_endpoint spare")
+        assert answer.startswith(f"[{REMOTE}] "), answer
+        assert "(endpoint gpu1 unavailable; answered by local fallback" in answer, answer
+        await h.run("!remove_endpoint gpu1")
 
         stats = await h.run("!stats")
         assert "!ask answers: 2 / 2" in stats and OWNER in stats, stats
-        assert f"{ALIAS} 1 req" in stats and f"{BUNDLED_MODEL_NAME} 1 req" in stats, stats
+        assert f"{REMOTE} 1 req" in stats and f"{BUNDLED_MODEL_NAME} 1 req" in stats, stats
 
         # Endpoints and aliases come back after a restart (same database).
-        await h.run(f"!add_endpoint gpu1 {server.base_url} env:HB_TEST_CATALOGUE_KEY")
+        await h.run(f"!add_endpoint gpu1 {server.base_url} env:{KEY_ENV}")
     finally:
         await h.router.aclose()
         await db.stop()  # type: ignore[attr-defined]
 
     h2, db2 = await harness(sqlite_url, local, model_path, config())
     try:
-        assert h2.catalogue.resolve("fast") == ALIAS and h2.catalogue.resolve("2") == ALIAS
+        assert h2.catalogue.resolve("fast") == REMOTE and h2.catalogue.resolve("2") == REMOTE
         assert "gpu1 (added)" in await h2.run("!endpoints")
         assert "Alias fast removed" in await h2.run("!rm_alias fast")
         assert "No alias" in await h2.run("!rm_alias fast")
@@ -241,13 +260,10 @@ async def test_commands_against_real_endpoint(
     finally:
         await h2.router.aclose()
         await db2.stop()  # type: ignore[attr-defined]
-        os.environ.pop("HB_TEST_CATALOGUE_KEY", None)
+        os.environ.pop(KEY_ENV, None)
 
 
 def test_helpers() -> None:
-    assert resolve_key("env:HB_SURELY_UNSET_VAR") is None
-    assert resolve_key("sk-literal") == "sk-literal"
-    assert resolve_key("env:X", {"X": "v"}) == "v"
     assert safe_url("http://user:pw@h:1/v1") == "http://***@h:1/v1"
     assert failover_note([], "gpu1", False) == ""
     assert failover_note(["a"], "b", False) == "(endpoint a unavailable; answered by endpoint b)"

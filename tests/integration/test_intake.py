@@ -341,3 +341,29 @@ async def test_edits_update_the_original_and_redactions_leave_no_trace(
         assert [e for e, _ in running.seen if e == "$red"]  # delivered on, for the handler
     finally:
         await stop_intake(running)
+
+
+async def test_pathologically_nested_body_is_400_and_a_deep_event_is_skipped(
+    db_url: str, http: aiohttp.ClientSession
+) -> None:
+    """5,000 nested arrays made the JSON parser raise RecursionError: a 500 with a
+    traceback. A deep event inside a sound transaction must not fail it either
+    (Synapse would retry that transaction forever)."""
+    running = await start_intake(db_url)
+    try:
+        deep = b'{"events": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        async with http.put(
+            running.url("11"), data=deep, headers={"Authorization": f"Bearer {HS_TOKEN}"}
+        ) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["errcode"] == "M_NOT_JSON"
+        nested: Any = "x"
+        for _ in range(900):
+            nested = [nested]
+        body = txn_body("$deep", "$fine")
+        body["events"][0]["content"]["nested"] = nested
+        assert await put(http, running.url("12"), body, HS_TOKEN) == 200
+        assert running.seen == [("$fine", True)]
+        assert await running.intake.messages.count() == 1
+    finally:
+        await stop_intake(running)

@@ -61,6 +61,20 @@ def test_relative_sqlite_path_lives_under_data_dir(tmp_path: Path) -> None:
         (MINIMAL + "tools:\n  max_hops: 11\n", "tools.max_hops"),
         (MINIMAL + "tools:\n  weather:\n    base_url: ftp://x\n", "tools.weather.base_url"),
         (MINIMAL + "tools:\n  default: get_weather\n", "tools.default"),
+        (
+            MINIMAL + "appservice:\n  max_transaction_size: 1MiB\n",
+            "appservice.max_transaction_size",
+        ),
+        (MINIMAL + "inference:\n  remote_deadline_s: 0\n", "inference.remote_deadline_s"),
+        (
+            MINIMAL + "security:\n  endpoint_key_env: [HIVEBRIDGE_AS_TOKEN]\n",
+            "security.endpoint_key_env",
+        ),
+        (
+            MINIMAL + "endpoints:\n  - {name: a, url: 'http://a/v1', pool: b}\n"
+            "  - {name: b, url: 'http://b/v1'}\n",
+            "endpoints[1].name",
+        ),
     ],
 )
 def test_bad_key_is_named(tmp_path: Path, text: str, key: str) -> None:

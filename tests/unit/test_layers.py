@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hivebridge"
 FLOORS: list[set[str]] = [
     {"config", "logs", "metrics", "utc", "reload", "bounded"},
     {"db"},
-    {"permissions", "registration", "web"},
+    {"permissions", "registration", "security", "web"},
     {"inference", "matrix"},
     {"conversation", "routing", "catalogue", "devserver"},
     {"personas"},

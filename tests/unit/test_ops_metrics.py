@@ -21,7 +21,7 @@ from hivebridge.inference.remote import (
 )
 from hivebridge.inference.types import GenerationStats, InferenceError, collect
 from hivebridge.matrix.sender import counted, send_error_kind
-from tests.unit.test_router import MSGS, PARAMS, FakeDeployment, FakeLocal, down, make_router
+from tests.unit.test_router import MSGS, PARAMS, FakeDeployment, FakeLocal, M, down, make_router
 
 #: What the app connects: inference reports, metrics count.
 HOOKS = InferenceHooks(metrics.count_endpoint_error, metrics.count_failover)
@@ -115,8 +115,8 @@ async def test_failover_counts_the_endpoint_left() -> None:
     router, _ = await make_router(a, b, hooks=HOOKS)
     before = {n: value("hivebridge_endpoint_failovers_total", endpoint=n) for n in ("fo-a", "fo-b")}
     # Both orders of the plan: the failing one is tried first for some session.
-    session = next(s for s in (f"s{i}" for i in range(100)) if router.plan("m", s)[0] == "fo-a")
-    gen = router.generate(MSGS, PARAMS, session=session, model="m")
+    session = next(s for s in (f"s{i}" for i in range(100)) if router.plan(M, s)[0] == "fo-a")
+    gen = router.generate(MSGS, PARAMS, session=session, model=M)
     assert (await collect(gen)).startswith("fo-b:")
     assert value("hivebridge_endpoint_failovers_total", endpoint="fo-a") == before["fo-a"] + 1
     assert value("hivebridge_endpoint_failovers_total", endpoint="fo-b") == before["fo-b"]
@@ -126,7 +126,7 @@ async def test_retrying_the_same_endpoint_is_no_failover() -> None:
     only = FakeDeployment("fo-only", script=[down("fo-only")])
     router, _ = await make_router(only, hooks=HOOKS)
     before = value("hivebridge_endpoint_failovers_total", endpoint="fo-only")
-    assert (await collect(router.generate(MSGS, PARAMS, model="m"))).startswith("fo-only:")
+    assert (await collect(router.generate(MSGS, PARAMS, model=M))).startswith("fo-only:")
     assert value("hivebridge_endpoint_failovers_total", endpoint="fo-only") == before
 
 
@@ -134,7 +134,7 @@ async def test_failover_to_the_local_fallback_counts() -> None:
     dead = FakeDeployment("fo-dead", script=[down("fo-dead")] * 5)
     router, _ = await make_router(dead, fallback=FakeLocal("local:tiny"), hooks=HOOKS)
     before = value("hivebridge_endpoint_failovers_total", endpoint="fo-dead")
-    assert (await collect(router.generate(MSGS, PARAMS, model="m"))).startswith("local:tiny:")
+    assert (await collect(router.generate(MSGS, PARAMS, model=M))).startswith("local:tiny:")
     assert value("hivebridge_endpoint_failovers_total", endpoint="fo-dead") == before + 1
 
 

@@ -28,6 +28,8 @@ from hivebridge.inference.types import (
 )
 
 MSGS = [ChatMessage("user", "hi")]
+#: The fake deployments share a pool, so "m" of each is one model name.
+M = "p/m"
 PARAMS = SamplingParams(max_tokens=8)
 
 
@@ -39,7 +41,7 @@ class FakeGen:
         fail_before: Exception | None = None,
         fail_after: int | None = None,
     ) -> None:
-        self.stats = GenerationStats(model="m", backend=name)
+        self.stats = GenerationStats(model=M, backend=name)
         self.closed = False
         self._pieces = list(pieces)
         self._fail_before = fail_before
@@ -144,43 +146,43 @@ async def make_router(
     config = RouterConfig(retry=retry or RetryPolicy(), breaker=breaker or BreakerConfig())
     router = InferenceRouter(fallback=fallback, config=config, sleep=sleeps, hooks=hooks)
     for d in deployments:
-        await router.add_deployment(d)
+        await router.add_deployment(d, pool="p")
     return router, sleeps
 
 
 async def test_session_sticks_to_one_endpoint_and_sessions_spread() -> None:
     a, b = FakeDeployment("a"), FakeDeployment("b")
     router, _ = await make_router(a, b)
-    first = router.plan("m", "room1")[0]
+    first = router.plan(M, "room1")[0]
     for _ in range(3):
-        gen = router.generate(MSGS, PARAMS, session="room1", model="m")
+        gen = router.generate(MSGS, PARAMS, session="room1", model=M)
         assert (await collect(gen)).startswith(first)
         assert gen.served_by == first and not gen.failed_over
     assert router.sticky_endpoint("room1") == first
-    used = {router.plan("m", f"room{i}")[0] for i in range(40)}
+    used = {router.plan(M, f"room{i}")[0] for i in range(40)}
     assert used == {"a", "b"}  # rendezvous hashing spreads new sessions
 
 
 async def test_sticky_endpoint_down_fails_over_and_stickiness_moves() -> None:
     a, b = FakeDeployment("a"), FakeDeployment("b")
     router, sleeps = await make_router(a, b)
-    sticky, other = router.plan("m", "room")
+    sticky, other = router.plan(M, "room")
     (a if sticky == "a" else b).script = [down(sticky)]
-    gen = router.generate(MSGS, PARAMS, session="room", model="m")
+    gen = router.generate(MSGS, PARAMS, session="room", model=M)
     assert await collect(gen) == f"{other}:ab"
     assert gen.served_by == other and gen.failed_over_from == [sticky]
     assert gen.stats.backend == other and gen.stats.finish_reason == "stop"
     assert any("cannot connect" in n for n in gen.notes)
     assert sleeps.calls == []  # moving to another endpoint needs no backoff
     assert router.sticky_endpoint("room") == other
-    assert router.plan("m", "room")[0] == other
+    assert router.plan(M, "room")[0] == other
 
 
 async def test_all_endpoints_down_uses_local_fallback_with_notes() -> None:
     a = FakeDeployment("a", script=[down("a")] * 5)
     local = FakeLocal("local")
     router, sleeps = await make_router(a, fallback=local, retry=RetryPolicy(max_attempts=3))
-    gen = router.generate(MSGS, PARAMS, session="s", model="m")
+    gen = router.generate(MSGS, PARAMS, session="s", model=M)
     assert await collect(gen) == "local:x"
     assert gen.used_fallback and gen.served_by == "local"
     assert gen.failed_over_from == ["a"]
@@ -188,7 +190,7 @@ async def test_all_endpoints_down_uses_local_fallback_with_notes() -> None:
     assert sleeps.calls[1] > sleeps.calls[0]
     assert all(g.closed or g.stats.finish_reason for g in a.gens)
     # Three failures in a row opened the breaker: the next request skips "a".
-    gen = router.generate(MSGS, PARAMS, session="s", model="m")
+    gen = router.generate(MSGS, PARAMS, session="s", model=M)
     assert await collect(gen) == "local:x"
     assert len(a.calls) == 3
     assert any("cooling down" in n for n in gen.notes)
@@ -200,7 +202,7 @@ async def test_all_endpoints_down_uses_local_fallback_with_notes() -> None:
 async def test_transient_error_retries_same_endpoint_with_backoff() -> None:
     a = FakeDeployment("a", script=[down("a")])
     router, sleeps = await make_router(a)
-    gen = router.generate(MSGS, PARAMS, model="m")
+    gen = router.generate(MSGS, PARAMS, model=M)
     assert await collect(gen) == "a:ab"
     assert len(a.calls) == 2 and len(sleeps.calls) == 1
     assert gen.failed_over_from == ["a"] and gen.served_by == "a"
@@ -211,8 +213,8 @@ async def test_no_retry_after_first_token() -> None:
     b = FakeDeployment("b")
     local = FakeLocal("local")
     router, _ = await make_router(a, b, fallback=local)
-    session = next(f"s{i}" for i in range(100) if router.plan("m", f"s{i}")[0] == "a")
-    gen = router.generate(MSGS, PARAMS, session=session, model="m")
+    session = next(f"s{i}" for i in range(100) if router.plan(M, f"s{i}")[0] == "a")
+    gen = router.generate(MSGS, PARAMS, session=session, model=M)
     pieces: list[str] = []
     with pytest.raises(InferenceError, match="stream broke"):
         async for piece in gen:
@@ -228,7 +230,7 @@ async def test_bad_request_is_not_failed_over() -> None:
     local = FakeLocal("local")
     router, _ = await make_router(a, b, fallback=local)
     with pytest.raises(RequestRejected):
-        await collect(router.generate(MSGS, PARAMS, session="s", model="m"))
+        await collect(router.generate(MSGS, PARAMS, session="s", model=M))
     assert len(a.calls) + len(b.calls) == 1 and local.calls == 0
     info = router.endpoints()
     assert all(i.healthy for i in info)
@@ -238,7 +240,7 @@ async def test_auth_error_trips_at_once_and_moves_on_without_retry() -> None:
     a = FakeDeployment("a", script=[EndpointAuthError("key refused", endpoint="a")])
     local = FakeLocal("local")
     router, sleeps = await make_router(a, fallback=local)
-    gen = router.generate(MSGS, PARAMS, model="m")
+    gen = router.generate(MSGS, PARAMS, model=M)
     assert await collect(gen) == "local:x"
     assert len(a.calls) == 1 and sleeps.calls == []
     info = router.endpoint_info("a")
@@ -248,7 +250,7 @@ async def test_auth_error_trips_at_once_and_moves_on_without_retry() -> None:
 async def test_local_backend_for_model_comes_before_fallback() -> None:
     local_m, fallback = FakeLocal("local-m"), FakeLocal("fallback")
     router, _ = await make_router(fallback=fallback)
-    router.set_local("m", local_m)
+    router.set_local("m", local_m)  # a local name: no endpoint can serve it
     gen = router.generate(MSGS, PARAMS, model="m")
     assert await collect(gen) == "local-m:x"
     assert not gen.used_fallback
@@ -272,15 +274,16 @@ async def test_add_remove_refresh_aliases_and_listing() -> None:
     a = FakeDeployment("a", served=["m", "n"])
     router, _ = await make_router(a)
     b = FakeDeployment("b", served=["n"])
-    info = await router.add_deployment(b)
-    assert info.models == ("n",) and info.healthy and info.masked_key == "****"
-    assert router.models() == {"m": ["a"], "n": ["a", "b"]}
+    info = await router.add_deployment(b, pool="p")
+    assert info.models == ("p/n",) and info.healthy and info.masked_key == "****"
+    assert router.models() == {"p/m": ["a"], "p/n": ["a", "b"]}
     b.served = ["n", "o"]
     assert await router.refresh() == {"a": None, "b": None}
-    assert router.models()["o"] == ["b"]
-    router.set_alias("smart", "o")
+    assert router.models()["p/o"] == ["b"]
+    router.set_alias("smart", "p/o")
     gen = router.generate(MSGS, PARAMS, model="smart")
-    assert await collect(gen) == "b:ab" and gen.stats.model == "m"  # fake reports "m"
+    # The endpoint is sent its own id; the stats name the model as the bridge knows it.
+    assert await collect(gen) == "b:ab" and gen.stats.model == "p/o"
     assert b.calls[-1][1] == "o"
     assert await router.remove_endpoint("b") and b.closed
     assert not await router.remove_endpoint("b")
@@ -292,7 +295,7 @@ async def test_add_remove_refresh_aliases_and_listing() -> None:
 async def test_cancel_mid_stream_closes_inner() -> None:
     a = FakeDeployment("a")
     router, _ = await make_router(a)
-    gen = router.generate(MSGS, PARAMS, model="m")
+    gen = router.generate(MSGS, PARAMS, model=M)
     it = aiter(gen)
     assert await anext(it) == "a:"
     await gen.aclose()
@@ -304,8 +307,8 @@ async def test_cancel_mid_stream_closes_inner() -> None:
 async def test_model_route_is_a_backend_and_stats_cover_failover_time() -> None:
     a = FakeDeployment("a")
     router, _ = await make_router(a)
-    route: Backend = router.for_model("m")
-    assert route.name == "m"
+    route: Backend = router.for_model(M)
+    assert route.name == M
     gen = route.generate(MSGS, PARAMS, session="s")
     assert await collect(gen) == "a:ab"
     assert gen.stats.ttft_s is not None and gen.stats.completion_tokens == 3
@@ -319,14 +322,14 @@ async def test_open_endpoint_gets_one_probe_after_cooldown() -> None:
     local = FakeLocal("local")
     config = RouterConfig(retry=RetryPolicy(max_attempts=3), breaker=BreakerConfig(cooldown_s=5))
     router = InferenceRouter(fallback=local, config=config, clock=lambda: now[0], sleep=Sleeps())
-    await router.add_deployment(a, models=["m"])
-    assert await collect(router.generate(MSGS, PARAMS, model="m")) == "local:x"
+    await router.add_deployment(a, models=["m"], pool="p")
+    assert await collect(router.generate(MSGS, PARAMS, model=M)) == "local:x"
     assert len(a.calls) == 3
     now[0] += 4.9
-    assert await collect(router.generate(MSGS, PARAMS, model="m")) == "local:x"
+    assert await collect(router.generate(MSGS, PARAMS, model=M)) == "local:x"
     assert len(a.calls) == 3  # still cooling down
     now[0] += 0.2
-    gen = router.generate(MSGS, PARAMS, session="s", model="m")
+    gen = router.generate(MSGS, PARAMS, session="s", model=M)
     assert await collect(gen) == "a:ab"  # the probe went through and closed the breaker
     assert len(a.calls) == 4 and not gen.failed_over
     info = router.endpoint_info("a")
@@ -340,14 +343,14 @@ async def test_failure_moves_only_the_failed_endpoints_rooms_once() -> None:
     rooms = [f"room{i}" for i in range(24)]
     home = {}
     for room in rooms:
-        gen = router.generate(MSGS, PARAMS, session=room, model="m")
+        gen = router.generate(MSGS, PARAMS, session=room, model=M)
         await collect(gen)
         home[room] = gen.served_by
     assert set(home.values()) == {"a", "b", "c"}
     deps["b"].script = [down("b")] * 100
     for _ in range(3):
         for room in rooms:
-            gen = router.generate(MSGS, PARAMS, session=room, model="m")
+            gen = router.generate(MSGS, PARAMS, session=room, model=M)
             await collect(gen)
             if home[room] != "b":
                 assert gen.served_by == home[room]  # no other room moves
@@ -357,7 +360,7 @@ async def test_failure_moves_only_the_failed_endpoints_rooms_once() -> None:
     moved = {r: router.sticky_endpoint(r) for r in rooms if home[r] == "b"}
     deps["b"].script = []  # back again: the moved rooms stay where they went
     for room, now in moved.items():
-        gen = router.generate(MSGS, PARAMS, session=room, model="m")
+        gen = router.generate(MSGS, PARAMS, session=room, model=M)
         await collect(gen)
         assert gen.served_by == now
 
@@ -367,10 +370,10 @@ async def test_round_robin_ignores_rooms() -> None:
     config = RouterConfig(routing="round_robin")
     router = InferenceRouter(config=config)
     for d in (a, b, c):
-        await router.add_deployment(d)
+        await router.add_deployment(d, pool="p")
     served = []
     for _ in range(6):
-        gen = router.generate(MSGS, PARAMS, session="room", model="m")
+        gen = router.generate(MSGS, PARAMS, session="room", model=M)
         await collect(gen)
         served.append(gen.served_by)
     assert sorted(served) == ["a", "a", "b", "b", "c", "c"]
