@@ -21,6 +21,7 @@ from ..config import (
     LoggingConfig,
     MetricsConfig,
     PermissionsConfig,
+    SecurityConfig,
 )
 from ..registration import write_registration
 from .process import free_port
@@ -43,6 +44,8 @@ def stack_config(workdir: Path, hs_url: str, as_port: int) -> Config:
         logging=LoggingConfig(level="WARNING"),
         metrics=MetricsConfig(port=free_port()),
         encryption=EncryptionConfig(enabled=True, pickle_key=secrets.token_urlsafe(24)),
+        # Everything of a dev stack listens on 127.0.0.1, endpoints too.
+        security=SecurityConfig(private_endpoint_hosts=("127.0.0.1",)),
     )
 
 

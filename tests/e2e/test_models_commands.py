@@ -23,7 +23,7 @@ from tests.e2e.test_personas import bot_room, command, notices
 from tests.support.llama_server import llama_server_missing, start_llama_server
 
 KEY = "sk-e2e-NEVER-IN-A-ROOM-5e6f7a8b"
-KEY_ENV = "HB_E2E_ENDPOINT_KEY"
+KEY_ENV = "HIVEBRIDGE_ENDPOINT_KEY_E2E"
 
 
 @pytest.fixture
@@ -69,15 +69,17 @@ async def test_endpoint_alias_ask_failover_stats_and_limits(
             added = await command(
                 owner, room, f"!add_endpoint remote1 {server.base_url} env:{KEY_ENV}", bot
             )
-            assert "Endpoint remote1 added" in added and "models: smollm2" in added, added
+            assert "Endpoint remote1 added" in added and "models: remote1/smollm2" in added, added
             models = await command(owner, room, "!models", bot)
-            match = re.search(r"^(\d+)\. smollm2 — endpoint remote1 — loaded$", models, re.M)
+            match = re.search(
+                r"^(\d+)\. remote1/smollm2 — endpoint remote1 — loaded$", models, re.M
+            )
             assert match, models
             alias = await command(owner, room, f"!alias tiny {match.group(1)}", bot)
             assert alias.startswith("Alias tiny →"), alias
 
             answer = await command(owner, room, "!ask tiny Say hello. max_tokens=8", bot)
-            assert answer.startswith("[smollm2] ") and "unavailable" not in answer, answer
+            assert answer.startswith("[remote1/smollm2] ") and "unavailable" not in answer, answer
             assert bridge.parts.inference.sticky_endpoint(f"{room}|ask") == "remote1"
 
             # A persona reply counts in !stats too.
@@ -95,12 +97,12 @@ async def test_endpoint_alias_ask_failover_stats_and_limits(
             failover_s = time.monotonic() - stopped
             print(f"\nfailover: endpoint stopped -> answer in the room in {failover_s:.2f}s")
             assert "(endpoint remote1 unavailable; answered by local fallback" in answer, answer
-            assert answer.startswith("[smollm2] ")
+            assert answer.startswith("[remote1/smollm2] ")
 
             stats = await command(owner, room, "!stats", bot)
             assert "!ask answers: 2 / 2" in stats, stats
             assert "persona replies: 1 / 1" in stats, stats
-            assert owner.user_id in stats and "smollm2 1 req" in stats, stats
+            assert owner.user_id in stats and "remote1/smollm2 1 req" in stats, stats
             assert f"{BUNDLED_MODEL_NAME} 2 req" in stats, stats  # the reply and the fallback
 
             # A plain user over the limit (2 a minute): one notice, then silence.
@@ -120,7 +122,8 @@ async def test_endpoint_alias_ask_failover_stats_and_limits(
             assert len(limited) == 1
 
             listing = await command(owner, room, "!endpoints", bot)
-            assert "remote1 (added)" in listing and "key sk-…7a8b" in listing, listing
+            assert "remote1 (added)" in listing and "key set" in listing, listing
+            assert "7a8b" not in listing  # no part of the key
 
             # The key never appears in any room event.
             for client, room_id in rooms:

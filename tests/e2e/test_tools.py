@@ -29,6 +29,7 @@ from tests.conftest import skip_or_fail
 from tests.e2e.conftest import Homeserver
 from tests.support.fake_weather import FIGURES, FakeWeather, fake_weather
 from tests.support.llama_server import llama_server_missing, running_llama_server
+from tests.support.waiting import until
 
 Event = dict[str, Any]
 
@@ -251,10 +252,17 @@ async def test_weather_through_a_remote_llama_cpp_server(
             config = tool_config(homeserver, tmp_path, weather)
             config = replace(config, endpoints=(EndpointConfig("srv", server.base_url),))
             async with running(config, homeserver) as bridge:
+                # Models are discovered in the background after the start.
+                plan = bridge.parts.inference.plan
+                await until(lambda: bool(plan("srv/smollm2")), "srv's models discovered")
                 owner, room, persona = await open_dm(homeserver, bridge)
                 name = bridge.config.default_persona.name
                 try:
-                    settings = ("model smollm2", "tools get_weather", "tool_choice get_weather")
+                    settings = (
+                        "model srv/smollm2",
+                        "tools get_weather",
+                        "tool_choice get_weather",
+                    )
                     for setting in settings:
                         await command(owner, room, persona, f"!persona set {name} {setting}")
                     done, events = await ask(

@@ -129,14 +129,15 @@ async def test_greedy_stream_arrives_with_stats(endpoint: RemoteEndpoint) -> Non
 async def test_failover_from_closed_port_to_live_endpoint(server: LlamaServer) -> None:
     router = InferenceRouter(config=CONFIG)
     try:
-        live = await router.add_endpoint("live", server.base_url, KEY)
-        assert live.healthy and live.models == (ALIAS,)
+        # Both in one pool: one model name, served by either.
+        live = await router.add_endpoint("live", server.base_url, KEY, pool="p")
+        assert live.healthy and live.models == (f"p/{ALIAS}",)
         # "dead" served the model when discovered, then went away.
         dead = RemoteEndpoint("dead", closed_url(), KEY, timeouts=FAST)
-        await router.add_deployment(dead, models=[ALIAS])
+        await router.add_deployment(dead, models=[ALIAS], pool="p")
         rooms = (f"room{i}" for i in range(99))
-        session = next(s for s in rooms if router.plan(ALIAS, s)[0] == "dead")
-        gen = router.generate(HELLO, GREEDY, session=session, model=ALIAS)
+        session = next(s for s in rooms if router.plan(f"p/{ALIAS}", s)[0] == "dead")
+        gen = router.generate(HELLO, GREEDY, session=session, model=f"p/{ALIAS}")
         assert (await collect(gen)).strip()
         assert gen.served_by == "live" and gen.failed_over_from == ["dead"]
         assert gen.stats.backend == "live" and gen.stats.completion_tokens > 0
@@ -155,13 +156,14 @@ async def test_server_dying_mid_session(caplog: pytest.LogCaptureFixture) -> Non
     router = InferenceRouter(fallback=local, config=CONFIG)
     try:
         await router.add_endpoint("doomed", doomed.base_url, KEY)
-        first = router.generate(HELLO, GREEDY, session="room", model=ALIAS)
+        model = f"doomed/{ALIAS}"
+        first = router.generate(HELLO, GREEDY, session="room", model=model)
         assert (await collect(first)).strip() and first.served_by == "doomed"
 
         # The server dies after the first token: the stream ends with an error and
         # nothing is retried (no duplicate text, the fallback is not asked).
         gen = router.generate(
-            STORY, SamplingParams(max_tokens=200, temperature=0.0), session="room", model=ALIAS
+            STORY, SamplingParams(max_tokens=200, temperature=0.0), session="room", model=model
         )
         pieces: list[str] = []
         with pytest.raises(InferenceError) as broke:
@@ -174,7 +176,7 @@ async def test_server_dying_mid_session(caplog: pytest.LogCaptureFixture) -> Non
         assert len(pieces) < 200
 
         # The next request in the session falls back to the local backend.
-        after = router.generate(HELLO, GREEDY, session="room", model=ALIAS)
+        after = router.generate(HELLO, GREEDY, session="room", model=model)
         assert await collect(after) == "local answer"
         assert after.used_fallback and after.served_by == "local"
         assert after.failed_over_from == ["doomed"] and local.calls == 1
@@ -209,7 +211,7 @@ async def test_api_key_never_leaks(server: LlamaServer, caplog: pytest.LogCaptur
         info = await router.add_endpoint("gpu3", gone.base_url, KEY)
         assert info.last_error is not None and KEY not in repr(info)
         with pytest.raises(InferenceError) as routed:
-            await collect(router.generate(HELLO, GREEDY, model=ALIAS))
+            await collect(router.generate(HELLO, GREEDY, model=f"gpu3/{ALIAS}"))
         errors.append(routed.value)
         assert await collect(good.generate(HELLO, GREEDY, model=ALIAS))
     finally:
