@@ -39,6 +39,8 @@ RESTART_ONLY: tuple[str, ...] = (
     "encryption",
     "inference.local",
     "inference.fallback_model",
+    "inference.remote_deadline_s",
+    "inference.discovery_deadline_s",
 )
 
 #: Most keys one outcome line names before it says how many more.

@@ -107,11 +107,13 @@ class ModelCommands:
                 log.warning("stored endpoint %s is not used: %s", stored.name, e)
 
     async def apply_config(self, config: Config) -> None:
-        """A reloaded config's endpoints at once (added, changed, removed) and its
-        sampling limits from the next ``!ask``. Endpoints added with !add_endpoint stay."""
+        """A reloaded config's endpoints at once (added, changed, removed), its sampling
+        limits and security rules from the next command. Endpoints added with
+        !add_endpoint stay (the rules are checked again for them at the next start)."""
         old = {e.name: e for e in self.config.endpoints}
         new = {e.name: e for e in config.endpoints}
         self.config = config
+        self.policy.config = config.security  # from the next !add_endpoint
         self.config_endpoints = set(new)
         if self._table is not None:
             self.register(self._table)  # !ask's max_tokens bound comes from the config
