@@ -33,7 +33,7 @@ async def test_an_endpoint_listing_ten_thousand_models_adds_a_bounded_number(
         finally:
             await endpoint.stop()
         assert len(info.models) == MAX_MODELS_PER_ENDPOINT
-        assert info.models[0] == "model-00000"
+        assert info.models[0] == "many/model-00000"
         rows = await CatalogueStore(db).models()
         assert len(rows) == MAX_MODELS_PER_ENDPOINT
         assert "lists 10002 models; keeping 256" in caplog.text

@@ -10,7 +10,7 @@ from hivebridge.commands.base import CommandContext, CommandTable
 from hivebridge.commands.models import ModelCommands
 from hivebridge.commands.personas import PersonaCommands
 from hivebridge.commands.stats import StatsCommands
-from hivebridge.config import Config, HomeserverConfig, LimitsConfig
+from hivebridge.config import Config, HomeserverConfig, LimitsConfig, SecurityConfig
 from hivebridge.db import open_database
 from hivebridge.db.catalogue import CatalogueStore
 from hivebridge.db.endpoints import EndpointStore
@@ -20,6 +20,7 @@ from hivebridge.inference.local import EngineSettings, LocalModels
 from hivebridge.inference.router import InferenceRouter
 from hivebridge.permissions import Role
 from hivebridge.personas.limits import Limits
+from hivebridge.security import EndpointPolicy
 from hivebridge.utc import utc_day
 from tests.support.fake_openai import FakeOpenAI
 
@@ -55,11 +56,15 @@ async def test_plain_users_see_names_and_health_only(sqlite_url: str) -> None:
         cfg = Config(
             homeserver=HomeserverConfig("http://127.0.0.1:1", "hive.test"),
             limits=LimitsConfig(requests_per_minute=0),
+            security=SecurityConfig(private_endpoint_hosts=("127.0.0.1",)),
         )
         usage = UsageStore(db)
         limits = Limits(cfg.limits, usage, RateLimitStore(db), lambda m: "user")
         table = CommandTable()
-        ModelCommands(cfg, catalogue, router, EndpointStore(db), limits, len).register(table)
+        policy = EndpointPolicy(cfg.security, [])
+        ModelCommands(cfg, catalogue, router, EndpointStore(db), limits, len, policy).register(
+            table
+        )
         StatsCommands(usage, "@bot:x").register(table)
         room = Room()
         added = await run(table, room, f"!add_endpoint gpu1 {endpoint.base_url} {KEY}", "owner")
@@ -70,7 +75,8 @@ async def test_plain_users_see_names_and_health_only(sqlite_url: str) -> None:
         )
 
         full = await run(table, room, "!endpoints", "trusted")
-        assert endpoint.base_url in full and KEY[-4:] in full
+        assert endpoint.base_url in full and "key set" in full
+        assert KEY[-4:] not in full  # no part of a key, whoever asks
         plain = await run(table, room, "!endpoints", "user")
         assert "gpu1" in plain and "healthy" in plain and "remote-m" in plain
         assert str(endpoint.port) not in plain and KEY[-4:] not in plain and "key" not in plain
