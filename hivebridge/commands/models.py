@@ -127,7 +127,7 @@ class ModelCommands:
             or (e.url, e.resolved_key(), e.pool, e.affinity)
             != (old[name].url, old[name].resolved_key(), old[name].pool, old[name].affinity)
         ]
-        await asyncio.gather(
+        outcomes = await asyncio.gather(
             *(
                 self.router.add_endpoint(
                     e.name,
@@ -141,6 +141,9 @@ class ModelCommands:
             ),
             return_exceptions=True,
         )
+        for e, outcome in zip(changed, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.warning("endpoint %s from the reloaded config not added: %s", e.name, outcome)
         if gone or changed:
             await self.catalogue.sync()
 

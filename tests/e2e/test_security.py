@@ -108,7 +108,8 @@ async def test_endpoints_from_a_room_get_no_secret_no_local_traffic_no_private_h
     ):
         room = await bot_room(owner, bridge)
         url = fake.url
-        by_name = url.replace("127.0.0.1", "localhost")  # loopback, not in the allowlist
+        # Loopback too, but not the allowed 127.0.0.1 (nothing listens there).
+        other_loopback = url.replace("127.0.0.1", "127.0.0.2")
         for variable, why in (
             ("HIVEBRIDGE_AS_TOKEN", "is not allowed"),
             ("HIVEBRIDGE_ENDPOINT_KEY_STOLEN", "holds a secret of the bridge"),
@@ -116,7 +117,7 @@ async def test_endpoints_from_a_room_get_no_secret_no_local_traffic_no_private_h
         ):
             reply = await command(owner, room, f"!add_endpoint evil {url} env:{variable}", bot)
             assert why in reply, reply
-        for target in ("http://169.254.169.254/latest", by_name):
+        for target in ("http://169.254.169.254/latest", other_loopback):
             reply = await command(owner, room, f"!add_endpoint meta {target}", bot)
             assert "is a private address" in reply and "--private" in reply, reply
         assert fake.received == []  # nothing refused reached it
@@ -132,10 +133,10 @@ async def test_endpoints_from_a_room_get_no_secret_no_local_traffic_no_private_h
             await command(owner, room, f"!trust {helper.user_id}", bot)
             helpers_room = await bot_room(helper, bridge)
             reply = await command(
-                helper, helpers_room, f"!add_endpoint lh {by_name} --private", bot
+                helper, helpers_room, f"!add_endpoint lh {other_loopback} --private", bot
             )
             assert "--private needs the owner role" in reply, reply
-        reply = await command(owner, room, f"!add_endpoint lh {by_name} --private", bot)
+        reply = await command(owner, room, f"!add_endpoint lh {other_loopback} --private", bot)
         assert "Endpoint lh added" in reply, reply
         models = await command(owner, room, "!models", bot)
         assert f"1. {local} — local file" in models and f"evil/{local} — endpoint evil" in models
@@ -147,7 +148,7 @@ async def test_endpoints_from_a_room_get_no_secret_no_local_traffic_no_private_h
         await owner.wait_for(dm, is_reply(persona), timeout=120)
         await bridge.parts.handler.drain()
         answer = await command(owner, room, f"!ask {local} Say hi. max_tokens=4", bot)
-        assert answer.startswith(f"[{local}] ") and "endpoint" not in answer, answer
+        assert answer.startswith(f"[{local}] ") and "unavailable" not in answer, answer
         assert fake.chat_requests() == []
 
         answer = await command(owner, room, "!ask evil/evil-model Say hi.", bot)
@@ -167,10 +168,7 @@ async def test_endpoints_from_a_room_get_no_secret_no_local_traffic_no_private_h
     for secret in secrets:
         assert not fake.anything_holds(secret)
     assert not fake.anything_holds(CANARY_DM)
-    keys = {
-        r.headers.get("Authorization") for r in fake.received if "127.0.0.1" in r.headers["Host"]
-    }
-    assert keys == {f"Bearer {ENDPOINT_KEY}"}
+    assert {r.headers.get("Authorization") for r in fake.received} == {f"Bearer {ENDPOINT_KEY}"}
 
 
 @asynccontextmanager
@@ -202,7 +200,9 @@ async def test_a_stalled_endpoint_holds_up_neither_the_start_nor_commands(
             inference=replace(homeserver.config.inference, remote_deadline_s=8.0),
         )
         async with running(config, homeserver) as bridge:
-            assert bridge.parts.intake.ready and stalled.in_flight == 1  # listening, still stalled
+            # Listening and ready, and the model list it would have waited for still comes.
+            assert bridge.parts.intake.ready
+            await until(lambda: stalled.in_flight == 1, "the stalled model list is asked for")
             plan = bridge.parts.inference.plan
             await until(lambda: bool(plan("slow/m")), "slow's models discovered")
             persona = bridge.config.persona_mxid(bridge.config.default_persona.name)
