@@ -215,6 +215,14 @@ def api_personas(p: Parts) -> Callable[[], dict[str, PersonaModel]]:
     return personas
 
 
+def own_secrets(config: Config, as_token: str, hs_token: str, salt: bytes) -> list[str]:
+    """The bridge's own secrets: never sent to an endpoint, whatever the config allows."""
+    found = [as_token, hs_token, config.database_url(), salt.decode(errors="replace")]
+    found += [config.admin_api.token or "", config.encryption.pickle_key or ""]
+    found += [t.resolved() or "" for t in config.api.tokens]
+    return [s for s in found if s]
+
+
 def model_hooks() -> ModelHooks:
     """Loads and unloads of local models, counted in metrics."""
 
@@ -461,10 +469,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         limits,
         models.count_tokens,
         # What no endpoint may ever be sent, whatever security.* allows.
-        EndpointPolicy(
-            config.security,
-            [as_token, hs_token, config.admin_api.token, config.database_url(), salt.decode()],
-        ),
+        EndpointPolicy(config.security, own_secrets(config, as_token, hs_token, salt)),
         config_endpoints=[e.name for e in config.endpoints],
     )
     model_commands.register(commands)
