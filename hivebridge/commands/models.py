@@ -95,16 +95,22 @@ class ModelCommands:
                 pool=e.pool,
                 discover=False,
             )
-        for stored in await self.endpoints.all():
-            if stored.name in self.config_endpoints or stored.name in pools:
-                log.warning("stored endpoint %s: the config defines that name", stored.name)
-                continue
-            try:
-                key = self.policy.resolve_key(stored.api_key)
-                await self.policy.check_url(stored.url, allow_private=stored.private)
-                await self.router.add_endpoint(stored.name, stored.url, key, discover=False)
-            except (Refused, EndpointConflict) as e:
-                log.warning("stored endpoint %s is not used: %s", stored.name, e)
+        stored: list[StoredEndpoint] = []
+        for row in await self.endpoints.all():
+            if row.name in self.config_endpoints or row.name in pools:
+                log.warning("stored endpoint %s: the config defines that name", row.name)
+            else:
+                stored.append(row)
+        # Host names resolve at once for all (each within its own timeout).
+        await asyncio.gather(*(self._start_stored(row) for row in stored))
+
+    async def _start_stored(self, stored: StoredEndpoint) -> None:
+        try:
+            key = self.policy.resolve_key(stored.api_key)
+            await self.policy.check_url(stored.url, allow_private=stored.private)
+            await self.router.add_endpoint(stored.name, stored.url, key, discover=False)
+        except (Refused, EndpointConflict) as e:
+            log.warning("stored endpoint %s is not used: %s", stored.name, e)
 
     async def apply_config(self, config: Config) -> None:
         """A reloaded config's endpoints at once (added, changed, removed), its sampling
