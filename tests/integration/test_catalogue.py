@@ -243,6 +243,10 @@ async def test_commands_against_real_endpoint(
 
         # Endpoints and aliases come back after a restart (same database).
         await h.run(f"!add_endpoint gpu1 {server.base_url} env:{KEY_ENV}")
+        # Rows the rules refuse (stored before them, or by hand) are checked again at start.
+        store = EndpointStore(db)  # type: ignore[arg-type]
+        await store.put(StoredEndpoint("sneaky", server.base_url, "env:HIVEBRIDGE_AS_TOKEN"))
+        await store.put(StoredEndpoint("meta", "http://169.254.169.254/v1"))
     finally:
         await h.router.aclose()
         await db.stop()  # type: ignore[attr-defined]
@@ -250,7 +254,10 @@ async def test_commands_against_real_endpoint(
     h2, db2 = await harness(sqlite_url, local, model_path, config())
     try:
         assert h2.catalogue.resolve("fast") == REMOTE and h2.catalogue.resolve("2") == REMOTE
-        assert "gpu1 (added)" in await h2.run("!endpoints")
+        listing = await h2.run("!endpoints")
+        assert "gpu1 (added)" in listing and "sneaky" not in listing and "meta" not in listing
+        assert "stored endpoint sneaky is not used: env:HIVEBRIDGE_AS_TOKEN is not" in caplog.text
+        assert "stored endpoint meta is not used: 169.254.169.254 is a private" in caplog.text
         assert "Alias fast removed" in await h2.run("!rm_alias fast")
         assert "No alias" in await h2.run("!rm_alias fast")
         reload = await h2.run("!reload_models")
