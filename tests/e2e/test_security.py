@@ -38,12 +38,12 @@ async def test_a_full_transaction_of_large_events_is_taken_in_one_batch(
     sizes: list[int] = []
     entered, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_once(txn_id: str, events: list[Any]) -> bool:
+    async def slow_once(txn_id: str, events: list[Any], **extra: Any) -> bool:
         sizes.append(len(events))
         if not entered.is_set():
             entered.set()
             await release.wait()
-        return await process(txn_id, events)
+        return await process(txn_id, events, **extra)
 
     async with homeserver.owner() as owner:
         room = await bot_room(owner, bridge)
@@ -57,11 +57,18 @@ async def test_a_full_transaction_of_large_events_is_taken_in_one_batch(
         deadline = time.monotonic() + 120
         for event_id in [first, *sent]:
             while await bridge.parts.messages.get(event_id) is None:
-                assert time.monotonic() < deadline, f"{event_id} never arrived"
+                assert time.monotonic() < deadline, pushes_refused(homeserver)
                 await asyncio.sleep(0.2)
     stored = await bridge.parts.messages.get(sent[-1])
     assert stored is not None and len(stored.body) == BODY_BYTES
     assert max(sizes) == 100, sizes  # one transaction carried all 100
+
+
+def pushes_refused(homeserver: Homeserver) -> str:
+    """What Synapse said about the transactions it could not deliver (its log)."""
+    lines = homeserver.synapse.log_path.read_text(errors="replace").splitlines()
+    refused = [line for line in lines if "push_bulk" in line and "received code=" in line]
+    return f"events never arrived; Synapse: {refused[-3:]}"
 
 
 ENDPOINT_KEY = "sk-allowed-endpoint-key-4f3e2d1c"
