@@ -406,7 +406,7 @@ async def test_a_failed_request_marks_the_endpoint_down_at_once() -> None:
     config = RouterConfig(retry=RetryPolicy(max_attempts=1), breaker=BreakerConfig(cooldown_s=5))
     router = InferenceRouter(fallback=local, config=config, clock=lambda: now[0], sleep=Sleeps())
     await router.add_deployment(a, models=["m"])
-    gen = router.generate(MSGS, PARAMS, model="m")
+    gen = router.generate(MSGS, PARAMS, model="a/m")
     assert await collect(gen) == "local:x" and gen.failed_over_from == ["a"]
     info = router.endpoint_info("a")
     assert info is not None and not info.healthy and info.status == "down"
@@ -422,7 +422,7 @@ async def test_a_failed_request_marks_the_endpoint_down_at_once() -> None:
 async def test_a_retry_that_works_is_a_blip_not_down() -> None:
     a = FakeDeployment("a", script=[down("a")])
     router, _ = await make_router(a)
-    assert await collect(router.generate(MSGS, PARAMS, model="m")) == "a:ab"
+    assert await collect(router.generate(MSGS, PARAMS, model=M)) == "a:ab"
     info = router.endpoint_info("a")
     assert info is not None and info.status == "up"
 
