@@ -235,6 +235,9 @@ class ModelCommands:
     async def ask(self, ctx: CommandContext, cmd: ParsedCommand) -> None:
         ref = cmd.args["model"]
         name = self.catalogue.resolve(ref)
+        if name is None:  # a model discovered since the catalogue last numbered them?
+            await self.catalogue.sync()
+            name = self.catalogue.resolve(ref)
         if name is None:
             raise UserError(
                 f"No model {ref[:60]!r}; {ctx.prefix}models lists ids, names and aliases."

@@ -27,6 +27,7 @@ from tests.e2e.conftest import Homeserver
 from tests.e2e.test_operations import ADMIN_TOKEN, scrape, total
 from tests.e2e.test_personas import bot_room, command
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.waiting import until
 
 pytestmark = [pytest.mark.synapse, pytest.mark.model]
 
@@ -79,12 +80,15 @@ async def test_a_failed_request_marks_the_endpoint_down_and_a_probe_brings_it_ba
     try:
         async with homeserver.owner() as owner, aiohttp.ClientSession() as http:
             room = await bot_room(owner, bridge)
-            assert "from gpu1" in await command(owner, room, "!ask m hello", bot)
+            # Its models are discovered in the background after the start.
+            plan = bridge.parts.inference.plan
+            await until(lambda: bool(plan("gpu1/m")), "gpu1's models discovered")
+            assert "from gpu1" in await command(owner, room, "!ask gpu1/m hello", bot)
             line, api, up = await views(owner, room, bot, http, admin, metrics)
             assert "healthy" in line and api["status"] == "up" and up == 1, (line, api, up)
 
             await upstream.stop()
-            answer = await command(owner, room, "!ask m hello", bot)
+            answer = await command(owner, room, "!ask gpu1/m hello", bot)
             assert "endpoint gpu1 unavailable" in answer, answer
             line, api, up = await views(owner, room, bot, http, admin, metrics)
             print(f"\nafter the failover: {line}\n{api}\nhivebridge_endpoint_up {up}")
@@ -100,6 +104,6 @@ async def test_a_failed_request_marks_the_endpoint_down_and_a_probe_brings_it_ba
                 api = await endpoint_json(http, admin)
             line, api, up = await views(owner, room, bot, http, admin, metrics)
             assert "healthy" in line and api["status"] == "up" and up == 1, (line, api, up)
-            assert "from gpu1" in await command(owner, room, "!ask m hello", bot)
+            assert "from gpu1" in await command(owner, room, "!ask gpu1/m hello", bot)
     finally:
         await bridge.stop()
