@@ -127,7 +127,7 @@ class MessageHandler:
         self._threads.pop(room_id, None)
         self._limit_charged.pop(room_id, None)
 
-    def is_command(self, msg: StoredMessage) -> bool:
+    def takes_command(self, msg: StoredMessage) -> bool:
         """A command for the bot (never one a persona or the bot itself wrote)."""
         return (
             msg.sender != self.personas.bot_mxid

@@ -147,7 +147,7 @@ class RoomEventHandler:
         self._lane(message).push(message.room_id, RoomWork(message=message, resumed=True))
 
     def _lane(self, message: StoredMessage) -> RoomQueues[RoomWork]:
-        return self.command_lane if self.messages.is_command(message) else self.queues
+        return self.command_lane if self.messages.takes_command(message) else self.queues
 
     def forget_room(self, room_id: str) -> None:
         """Drop cached loop and thread state (after !start/!stop/!reset or leaving)."""

@@ -40,6 +40,9 @@ class Messages:
     def is_command(self, body: str) -> bool:
         return body.startswith("!")
 
+    def takes_command(self, msg: StoredMessage) -> bool:
+        return self.is_command(msg.body)
+
     async def on_message(self, room_id: str, msg: StoredMessage, resumed: bool = False) -> None:
         if msg.event_id == "$slow":
             self.busy.set()
