@@ -43,8 +43,8 @@ PERSONA = ChatMessage(
 def settings(**kw: object) -> EngineSettings:
     # One thread: the test box is shared, and a 2-thread decode collapses when another
     # process competes for the cores (docs/engine.md); logic does not depend on it.
-    # flash_attn off: the exact (batch invariant) engine, whose greedy output these tests
-    # compare token for token; the flash-attention default is checked near-tie-tolerant.
+    # flash_attn off (the default): the exact, batch-invariant engine, whose greedy output
+    # these tests compare token for token; flash attention is checked near-tie-tolerant.
     base: dict[str, object] = {
         "n_ctx": 8192,  # partitioned: 1,024 tokens for each of the 8 sequences
         "n_seq_max": 8,
@@ -164,7 +164,7 @@ async def test_batched_cached_rooms_equal_serial_fresh_evaluation(engine: LocalE
 
 
 async def test_flash_attention_cached_rooms_agree_with_fresh_evaluation() -> None:
-    """The default, fast engine (flash attention) is not batch invariant, but close.
+    """With flash attention (a setting) the engine is not batch invariant, but close.
 
     Rooms batched, forked from personas and continued in place must say what a
     fresh engine without a cache says, except where two tokens are a near-tie
