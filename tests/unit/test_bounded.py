@@ -36,7 +36,7 @@ class MemoryStore(MemoryStateStore, ASStateStore):  # type: ignore[misc]
     pass
 
 
-def test_seen_transaction_ids_are_bounded() -> None:
+async def test_seen_transaction_ids_are_bounded() -> None:
     """Before: mautrix's set kept every transaction id for the life of the process."""
     intake = Intake(
         messages=None,  # type: ignore[arg-type]
