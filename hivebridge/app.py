@@ -219,7 +219,6 @@ def own_secrets(config: Config, as_token: str, hs_token: str, salt: bytes) -> li
     """The bridge's own secrets: never sent to an endpoint, whatever the config allows."""
     found = [as_token, hs_token, config.database_url(), salt.decode(errors="replace")]
     found += [config.admin_api.token or "", config.encryption.pickle_key or ""]
-    found += [t.resolved() or "" for t in config.api.tokens]
     return [s for s in found if s]
 
 
