@@ -124,7 +124,7 @@ class SceneService:
         scene = self._active.get(room_id)
         if scene is None or scene.last_speaker != persona.name:
             return None
-        return SceneTurn(scene.id, self._cue(scene, persona, scene.turns_taken))
+        return SceneTurn(scene.id, self._cue(scene, persona))
 
     async def on_human(self, room_id: str, event_id: str, addressed: list[str]) -> None:
         """A human spoke during the scene (``event_id``), addressing ``addressed`` (persona
@@ -279,7 +279,7 @@ class SceneService:
                 trigger,
                 self.config.routing.bounce_limit,
                 group=True,
-                scene=SceneTurn(scene.id, self._cue(scene, speaker, turn)),
+                scene=SceneTurn(scene.id, self._cue(scene, speaker)),
             )
         except Exception:
             # The turn is spent either way; a failed send must not stall the scene.
@@ -302,7 +302,7 @@ class SceneService:
                 views.append(PersonaView(persona.mxid, persona.name, persona.displayname))
         return views
 
-    def _cue(self, scene: Scene, speaker: Persona, turn: int) -> SceneCue:
+    def _cue(self, scene: Scene, speaker: Persona) -> SceneCue:
         others = [
             p.displayname
             for n in scene.personas
@@ -313,7 +313,7 @@ class SceneService:
             f"Begin the scene. The topic: {scene.topic}" if scene.topic else "Begin the scene."
         )
         return SceneCue(
-            scene_note(speaker.displayname, others, scene.topic, turn, scene.max_turns), opening
+            scene_note(speaker.displayname, others, scene.topic, scene.max_turns), opening
         )
 
     async def _trigger(self, scene: Scene) -> StoredMessage | None:

@@ -152,12 +152,15 @@ def mentioned_in_order(body: str, personas: Sequence[PersonaView]) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def scene_note(speaker: str, others: Sequence[str], topic: str, turn: int, max_turns: int) -> str:
-    """What a speaker is told about the scene, after its own system prompt."""
+def scene_note(speaker: str, others: Sequence[str], topic: str, max_turns: int) -> str:
+    """What a speaker is told about the scene, after its own system prompt.
+
+    The same for all of a speaker's turns (no turn counter), so the local engine
+    reuses the prompt's cached prefix from one turn to the next."""
     with_whom = ", ".join(others) if others else "the others"
     about = f" The topic: {topic}." if topic else ""
     return (
         f"You are {speaker} in a scene with {with_whom}.{about} "
-        f"This is turn {turn} of {max_turns}. Add one short contribution in character "
+        f"The scene lasts {max_turns} turns. Add one short contribution in character "
         "and speak to the others by name."
     )

@@ -116,7 +116,8 @@ async def test_three_personas_six_turns_in_order_then_a_notice(
     assert [name for name, _ in prompts] == names * 2
     system, *rest = prompts[3][1]
     assert system.role == "system" and "a lighthouse in a storm" in system.content
-    assert "This is turn 4 of 6" in system.content and "Bob, Cy" in system.content
+    assert "lasts 6 turns" in system.content and "Bob, Cy" in system.content
+    assert system.content == prompts[0][1][0].content  # the same for each of its turns
     seen = "\n".join(m.content for m in rest)
     for e in said[:3]:
         assert shown_text(owner.timeline[room], e["event_id"]) in seen

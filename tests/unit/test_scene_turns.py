@@ -180,9 +180,9 @@ def test_budget_holds_even_when_a_human_asks() -> None:
 # --- what speakers are told, and the loop guard --------------------------------------------
 
 
-def test_scene_note_names_topic_turn_and_the_others() -> None:
-    note = scene_note("Ada", ["Bob", "Cy"], "a lighthouse", 2, 6)
-    assert "Ada" in note and "Bob, Cy" in note and "a lighthouse" in note and "2 of 6" in note
+def test_scene_note_names_topic_length_and_the_others() -> None:
+    note = scene_note("Ada", ["Bob", "Cy"], "a lighthouse", 6)
+    assert "Ada" in note and "Bob, Cy" in note and "a lighthouse" in note and "6 turns" in note
 
 
 def test_scene_turns_pass_the_pattern_detector_but_not_the_turn_cap() -> None:
