@@ -41,7 +41,7 @@ from throughput import as_json, server_body
 from hivebridge.inference.local import EngineSettings, LocalEngine
 from hivebridge.inference.types import ChatMessage, SamplingParams
 
-ROOMS, TURNS, PERSONA_SENTENCES = 24, 6, 52  # ~1,000 tokens per persona
+ROOMS, TURNS, PERSONA_SENTENCES = 24, 6, 32  # ~1,000 tokens per persona (~31 a sentence)
 REPLY_TOKENS = 32
 SEED = 19
 PERSONAS = [
