@@ -54,6 +54,7 @@ from .db.summaries import SummaryStore
 from .db.tool_calls import ToolCallStore
 from .db.trust import TrustStore
 from .db.txns import TxnStore
+from .db.unread import UnreadStore
 from .db.usage import RateLimitStore, UsageStore, users_like
 from .handler.encrypted import EncryptedRoomNotices, UnreadableMessages
 from .handler.handled import HandledMarks
@@ -340,6 +341,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
         log=logging.getLogger("hivebridge.appservice"),
         encryption=encryption,
         key_wait_s=config.encryption.key_wait_s,
+        unread=UnreadStore(db) if encryption is not None else None,
     )
     members = RoomMembers(state_store)
 
@@ -620,6 +622,7 @@ class Bridge:
         # unfinished work goes ahead of what the homeserver redelivers now.
         for msg in unfinished:
             p.handler.resume(msg)
+        await p.intake.resume_unread(config.replies.resume_max_age_s)
         for room_id in scene_rooms:  # scenes carry on after their unfinished turn
             p.handler.wake_scene(room_id)
         await p.intake.intent.ensure_registered()

@@ -30,6 +30,7 @@ from ..db.messages import MessageStore, StoredMessage
 from ..db.resilience import is_connection_lost
 from ..db.summaries import SummaryStore
 from ..db.txns import TxnStore
+from ..db.unread import UnreadStore
 from .content import edit_of, edited_content, redacted_id, stored_from_event, without_quote
 from .crypto import Encryption, Undecryptable
 
@@ -89,12 +90,14 @@ class Intake(AppService):
         encryption: Encryption | None = None,
         key_wait_s: float = 30.0,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        unread: UnreadStore | None = None,
         **kwargs: Any,
     ) -> None:
         """``summaries``: chapter summaries a redaction must drop (None: none kept).
         ``encryption``: decrypt encrypted room events and take in the keys that
         transactions bring; an event whose key has not come waits up to ``key_wait_s``
-        for it, then goes to the sink still encrypted (unreadable). ``max_body_bytes``:
+        for it, then goes to the sink still encrypted (unreadable); ``unread`` keeps
+        the waiting ones over a restart (:meth:`resume_unread`). ``max_body_bytes``:
         the largest transaction taken."""
         params = dict(kwargs.pop("aiohttp_params", None) or {})
         params["client_max_size"] = max_body_bytes
@@ -112,6 +115,7 @@ class Intake(AppService):
         self.transactions = RecentSet(MAX_SEEN_TRANSACTIONS)  # type: ignore[assignment]
         self.encryption = encryption
         self.key_wait_s = key_wait_s
+        self.unread = unread
         self._waiting: set[asyncio.Task[None]] = set()
         # The state store learns membership from the events we pass it ourselves,
         # in order, before routing; not as a racing background handler.
@@ -281,7 +285,7 @@ class Intake(AppService):
             log.info("transaction %s had committed before it failed; delivering it now", txn_id)
             fresh = await self._unrouted(rows)
         else:
-            fresh = await self._store(txn_id, rows, events)
+            fresh = await self._store(txn_id, rows, events, unread, now)
         self._unsettled.pop(txn_id, None)
         # Counted once committed, so a transaction that failed and is retried counts once.
         for raw in events:
@@ -291,7 +295,7 @@ class Intake(AppService):
         # (a 500 would make the homeserver retry a transaction we already took).
         for raw in events:
             if any(raw is u for u in unread):
-                self._wait_for_key(raw)
+                self._wait_for_key(raw, now)
                 continue
             try:
                 await self._deliver(raw, fresh)
@@ -328,18 +332,40 @@ class Intake(AppService):
         readers = [str(m) for m in members if self._is_own(str(m))]
         return await self.encryption.decrypt(raw, readers)
 
-    def _wait_for_key(self, raw: dict[str, Any]) -> None:
-        task = asyncio.create_task(self._read_later(raw))
+    def _wait_for_key(self, raw: dict[str, Any], received_at: int) -> None:
+        task = asyncio.create_task(self._read_later(raw, received_at))
         self._waiting.add(task)
         task.add_done_callback(self._waiting.discard)
 
-    async def _read_later(self, raw: dict[str, Any]) -> None:
+    async def resume_unread(self, max_age_s: float) -> int:
+        """After a restart: what was waiting for its key waits out the rest of its time
+        (then it is read, or said unreadable); older than ``max_age_s`` it is dropped,
+        as late replies are. Returns how many wait again."""
+        if self.unread is None or self.encryption is None:
+            return 0
+        now = time.time()
+        resumed = 0
+        for waiting in await self.unread.all():
+            event_id = str(waiting.event.get("event_id"))
+            if now - waiting.received_at / 1000 > max_age_s:
+                log.info("dropping %s: it waited for its key before a restart, too long ago",
+                         event_id)  # fmt: skip
+                await self.unread.remove(event_id)
+                continue
+            self._wait_for_key(waiting.event, waiting.received_at)
+            resumed += 1
+        if resumed:
+            log.info("%d encrypted events wait for their keys again", resumed)
+        return resumed
+
+    async def _read_later(self, raw: dict[str, Any], received_at: int) -> None:
         """An encrypted event whose room key had not come: decrypt it when keys arrive,
         store and route it then; after ``key_wait_s`` (at once when the sender withheld
         the key) hand it to the sink still encrypted: the handler says it went unread."""
         assert self.encryption is not None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.key_wait_s
+        left_s = received_at / 1000 + self.key_wait_s - time.time()
+        deadline = loop.time() + max(0.0, left_s)
         reason = "no room key"
         try:
             while True:
@@ -360,13 +386,19 @@ class Intake(AppService):
                     fresh[row.event_id] = row
                 log.info("decrypted %s after its key arrived", raw.get("event_id"))
                 await self._deliver(plain, fresh)
+                await self._done_waiting(raw)
                 return
             log.info("could not decrypt %s: %s", raw.get("event_id"), reason)
             await self._deliver(raw, {})
+            await self._done_waiting(raw)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.warning("encrypted event %s not handled: %s", raw.get("event_id"), e)
+
+    async def _done_waiting(self, raw: dict[str, Any]) -> None:
+        if self.unread is not None:
+            await self.unread.remove(str(raw.get("event_id")))
 
     async def _unrouted(self, rows: list[StoredMessage]) -> dict[str, StoredMessage]:
         """The stored, not yet handled messages of a transaction that committed unseen."""
@@ -378,10 +410,16 @@ class Intake(AppService):
         return found
 
     async def _store(
-        self, txn_id: str, rows: list[StoredMessage], events: list[Any]
+        self,
+        txn_id: str,
+        rows: list[StoredMessage],
+        events: list[Any],
+        unread: list[dict[str, Any]],
+        now: int,
     ) -> dict[str, StoredMessage]:
-        """Store the messages, apply edits and redactions, and mark the transaction
-        processed, in one DB transaction."""
+        """Store the messages and the encrypted events still waiting for their key,
+        apply edits and redactions, and mark the transaction processed, in one DB
+        transaction."""
         fresh: dict[str, StoredMessage] = {}
         conn: LoggingConnection
         async with self.messages.db.acquire() as conn, conn.transaction():
@@ -398,6 +436,9 @@ class Intake(AppService):
             for raw in events:
                 if isinstance(raw, dict):
                     await self._apply_change(raw, conn)
+            if self.unread is not None:
+                for raw in unread:
+                    await self.unread.add(raw, now, conn)
             await self.txns.mark_processed(txn_id, conn)
         return fresh
 

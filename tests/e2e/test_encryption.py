@@ -3,6 +3,7 @@ on, and a human whose app encrypts (mautrix's client crypto, its own device)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,58 @@ async def test_a_withheld_key_gets_a_visible_notice_never_plain_text(
         await bridge.parts.handler.drain()
         assert await bridge.parts.messages.get(asked) is None  # nothing was read
         assert await _plain_from(alice.plain, room, persona) == []
+
+
+async def _waiting_ids(store: Any) -> list[str]:
+    return [str(w.event.get("event_id")) for w in await store.all()]
+
+
+async def _eventually(read: Any, ok: Any, what: str, timeout: float = 60.0) -> None:
+    for _ in range(int(timeout * 10)):
+        if ok(await read()):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(what)
+
+
+async def test_a_message_waiting_for_its_key_is_not_forgotten_over_a_restart(
+    homeserver: Homeserver, tmp_path: Path
+) -> None:
+    """A message whose key has not come when the bridge stops still gets its notice after
+    the restart (it waited in the database), encrypted."""
+    from tests.e2e.test_encrypted_rooms import ciphertext  # a session nobody was given
+
+    base = replace(homeserver.config, data_dir=str(tmp_path / "bridge"))
+    patient = replace(base, encryption=replace(base.encryption, key_wait_s=600))
+    persona = base.persona_mxid(base.default_persona.name)
+    first = Bridge(patient, homeserver.registration)
+    await first.start()
+    try:
+        async with await homeserver.encrypting_human("wait") as alice:
+            room = await alice.create_room([persona], direct=True)
+            await alice.wait_for_members(room, {alice.user_id, persona})
+            lost = await alice.plain.send(room, ciphertext(), "m.room.encrypted")
+            unread = first.parts.intake.unread
+            assert unread is not None
+            await _eventually(
+                lambda: _waiting_ids(unread), lambda ids: lost in ids, "the event to wait"
+            )
+            await first.stop()
+
+            # Its time runs out while the bridge is down: at start it is said unreadable.
+            hasty = replace(base, encryption=replace(base.encryption, key_wait_s=1))
+            second = Bridge(hasty, homeserver.registration)
+            await second.start()
+            try:
+                notice = await alice.wait_for(
+                    room, lambda e: e.get("sender") == persona, timeout=60
+                )
+                assert notice["encrypted"]
+                assert "couldn't read a message" in notice["content"]["body"]
+                left = second.parts.intake.unread
+                assert left is not None
+                await _eventually(lambda: _waiting_ids(left), lambda ids: not ids, "no waiting")
+            finally:
+                await second.stop()
+    finally:
+        await first.stop()

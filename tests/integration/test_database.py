@@ -14,6 +14,7 @@ from hivebridge.db.rooms import RoomStore
 from hivebridge.db.txns import TxnStore
 
 TABLES = {
+    "encrypted_waiting",
     "personas",
     "persona_rooms",
     "rooms",
@@ -52,7 +53,7 @@ async def test_migrations_create_schema_and_mautrix_keeps_its_own(db_url: str) -
         for table in TABLES | {"hivebridge_alembic_version"}:
             assert await db.table_exists(table), table
         version = await db.fetchval("SELECT version_num FROM hivebridge_alembic_version")
-        assert version == "0006"
+        assert version == "0007"
     finally:
         await db.stop()
     # Running again on a migrated database is a no-op, not an error.
