@@ -431,7 +431,7 @@ async def build(config: Config, registration_path: Path, stack: AsyncExitStack) 
     # Encryption on: what no persona could decrypt in time gets a notice. Off:
     # encrypted rooms get a notice that personas cannot read them.
     if encryption is not None:
-        unreadable = UnreadableMessages(encryption, personas, members, messages, sender)
+        unreadable = UnreadableMessages(encryption, intake, personas, members, messages, sender)
         on_encrypted, on_joined = unreadable.on_encrypted, None
     else:
         notices = EncryptedRoomNotices(intake, personas, members, messages, sender)

@@ -77,17 +77,20 @@ WITHHELD_WHY = {
 
 class UnreadableMessages:
     """An encrypted message none of our users could decrypt in time: one notice per
-    sender session, in the room, from the persona it was for (encrypted, as the room)."""
+    sender session, in the room, from the persona it was for (else one persona of the
+    room, else the bot), encrypted as the room is."""
 
     def __init__(
         self,
         encryption: Encryption,
+        appservice: AppService,
         personas: PersonaDirectory,
         members: RoomMembers,
         messages: MessageStore,
         sender: Sender,
     ) -> None:
         self.encryption = encryption
+        self.appservice_intent = appservice.intent
         self.personas = personas
         self.members = members
         self.messages = messages
@@ -110,19 +113,21 @@ class UnreadableMessages:
             persona = (
                 self.personas.get(self.personas.config.persona_mxid(here[0])) if here else None
             )
-        if persona is None:
+        if persona is not None:
+            intent, who = self.personas.intent(persona), persona.name
+        elif self.personas.bot_mxid in members:  # a room of the bot's only: it says so
+            intent, who = self.appservice_intent, "the bot"
+        else:
             return
         self._told.add(key)
         metrics.ENCRYPTED_UNANSWERED.inc()
         code = self.encryption.withheld.get(session, "")
         why = WITHHELD_WHY.get(code, f" ({code})" if code else "")
-        log.info("%s could not decrypt %s from %s%s", persona.name, event.event_id, sender, why,
+        log.info("%s could not decrypt %s from %s%s", who, event.event_id, sender, why,
                  extra={"room_id": room_id})  # fmt: skip
         text = UNREAD_TEXT.format(sender=sender, why=why)
         txn_id = stable_txn_id(str(event.event_id), "unreadable")
-        await self.sender.send_text(
-            self.personas.intent(persona), room_id, text, txn_id=txn_id, notice=True
-        )
+        await self.sender.send_text(intent, room_id, text, txn_id=txn_id, notice=True)
         metrics.ENCRYPTED_NOTICES.labels("unreadable").inc()
 
 
