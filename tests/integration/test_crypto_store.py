@@ -69,3 +69,21 @@ async def test_keys_survive_a_restart_and_need_the_pickle_key(db_url: str) -> No
     finally:
         await encryption.close()
         await db.stop()  # type: ignore[attr-defined]
+
+
+async def test_waiting_encrypted_events_are_kept_until_read_or_given_up(db_url: str) -> None:
+    from hivebridge.db.unread import UnreadStore
+
+    db = await open_database(db_url)
+    try:
+        store = UnreadStore(db)
+        event = {"type": "m.room.encrypted", "event_id": "$a", "room_id": str(ROOM),
+                 "sender": "@alice:hive.test", "content": {"session_id": "s"}}  # fmt: skip
+        await store.add(event, 1_000)
+        await store.add(event, 2_000)  # the same event again (a retried transaction)
+        waiting = await store.all()
+        assert [(w.event, w.received_at) for w in waiting] == [(event, 1_000)]
+        await store.remove("$a")
+        assert await store.all() == []
+    finally:
+        await db.stop()
