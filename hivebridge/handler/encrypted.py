@@ -90,7 +90,7 @@ class UnreadableMessages:
         sender: Sender,
     ) -> None:
         self.encryption = encryption
-        self.appservice_intent = appservice.intent
+        self.appservice = appservice  # its intent exists only once started
         self.personas = personas
         self.members = members
         self.messages = messages
@@ -116,7 +116,7 @@ class UnreadableMessages:
         if persona is not None:
             intent, who = self.personas.intent(persona), persona.name
         elif self.personas.bot_mxid in members:  # a room of the bot's only: it says so
-            intent, who = self.appservice_intent, "the bot"
+            intent, who = self.appservice.intent, "the bot"
         else:
             return
         self._told.add(key)
