@@ -138,7 +138,8 @@ class Intake(AppService):
     async def stop(self) -> None:
         """Stop listening (if still) and close the homeserver client; safe before start."""
         await self.stop_listening()
-        waiting, self._waiting = self._waiting, set()
+        # A copy: each task's done callback discards it from the set.
+        waiting = list(self._waiting)
         for task in waiting:
             task.cancel()
         for task in waiting:
