@@ -264,14 +264,21 @@ class Encryption:
             except Exception as e:
                 log.warning("to-device event not taken in: %s: %s", type(e).__name__, e)
         if device_lists is not None and (device_lists.changed or device_lists.left):
-            await self._device_lists(device_lists)
+            try:
+                await self._device_lists(device_lists)
+            except Exception as e:  # never fail (and so block) the transaction over it
+                log.warning("device list changes not taken in: %s: %s", type(e).__name__, e)
         for user_id, devices in otk_counts.items():
             if not self.is_ours(user_id):
                 continue
-            machine = await self.device(user_id)
-            for device_id, count in devices.items():
-                if device_id == machine.client.device_id:
-                    await machine.handle_otk_count(DeviceOTKCount.deserialize(count))
+            try:
+                machine = await self.device(user_id)
+                for device_id, count in devices.items():
+                    if device_id == machine.client.device_id:
+                        await machine.handle_otk_count(DeviceOTKCount.deserialize(count))
+            except Exception as e:
+                log.warning("one-time keys of %s not topped up: %s: %s", user_id,
+                            type(e).__name__, e)  # fmt: skip
         if got_keys:
             async with self._keys_changed:
                 self._keys_changed.notify_all()
