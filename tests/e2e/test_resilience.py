@@ -15,6 +15,7 @@ import importlib.util
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -57,9 +58,11 @@ async def test_homeserver_down_30s_mid_reply(tmp_path: Path) -> None:
         gate = asyncio.Event()
         prompt_for = conversation.prompt_for
 
-        async def gated(p: Persona, msg: StoredMessage, *, group: bool) -> tuple[Prompt, Chapter]:
+        async def gated(
+            p: Persona, msg: StoredMessage, *, group: bool, scene: Any = None
+        ) -> tuple[Prompt, Chapter]:
             await gate.wait()
-            return await prompt_for(p, msg, group=group)
+            return await prompt_for(p, msg, group=group, scene=scene)
 
         conversation.prompt_for = gated  # type: ignore[method-assign]
 
