@@ -27,6 +27,18 @@ def block(text: str, title: str) -> list[str]:
     return text.split(f"--- {title} ---\n", 1)[1].split("--- end ---", 1)[0].splitlines()
 
 
+def messages(lines: list[str]) -> list[str]:
+    """Transcript lines joined into messages: a reply of several lines continues on
+    lines that do not start with ``<``."""
+    joined: list[str] = []
+    for line in lines:
+        if line.startswith("<") or not joined:
+            joined.append(line)
+        else:
+            joined[-1] += "\n" + line
+    return joined
+
+
 def test_demo_transcript_shows_the_whole_reply(tmp_path: Path) -> None:
     if importlib.util.find_spec("synapse") is None:
         skip_or_fail("matrix-synapse is not installed")
@@ -57,7 +69,7 @@ def test_demo_transcript_shows_the_whole_reply(tmp_path: Path) -> None:
     assert answer.removeprefix("<Assistant> ").rstrip("\n") == body
 
     # The group room: a second persona spawned by command, both answer when mentioned.
-    group = block(proc.stdout, "group room")
+    group = messages(block(proc.stdout, "group room"))
     prompt = '--prompt "You are a poet. Answer in two short lines."'
     assert group[0] == f"<alice> !persona spawn poet --display Poet {prompt} --room #hive:hive.test"
     assert group[1].startswith("<Hive> Spawned Poet (@hive_poet:hive.test) in !")

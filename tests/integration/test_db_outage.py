@@ -215,8 +215,10 @@ async def test_a_commit_whose_answer_was_lost_is_delivered_on_retry(postgres_url
     store = intake._store
     cut = asyncio.Event()
 
-    async def commit_then_lose(txn_id: str, rows: list[StoredMessage]) -> dict[str, Any]:
-        fresh = await store(txn_id, rows)
+    async def commit_then_lose(
+        txn_id: str, rows: list[StoredMessage], *rest: Any
+    ) -> dict[str, StoredMessage]:
+        fresh = await store(txn_id, rows, *rest)
         if not cut.is_set():
             cut.set()
             raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
