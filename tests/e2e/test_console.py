@@ -111,7 +111,9 @@ async def test_personas_verbs(console: Console, homeserver: Homeserver) -> None:
     listed = await console.ok("personas", "list")
     assert listed == "Personas:\nassistant — Assistant (@hive_assistant:hive.test), model default"
     shown = await console.ok("personas", "show", "Assistant")  # names are lowered, as in rooms
-    assert shown.startswith("Assistant (@hive_assistant:hive.test)\nmodel: default\nprofile: default\nprompt: ")
+    assert shown.startswith(
+        "Assistant (@hive_assistant:hive.test)\nmodel: default\nprofile: default\nprompt: "
+    )
 
     owner = homeserver.owner()
     async with owner:
