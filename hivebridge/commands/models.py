@@ -81,20 +81,28 @@ class ModelCommands:
             return None
         return key
 
+    async def _add_configured(
+        self, endpoint: EndpointConfig, *, replace: bool = False, discover: bool = True
+    ) -> EndpointInfo:
+        """Hand a config endpoint to the router, the same way at start and on reload:
+        its checked key, its affinity and its pool as the config gives them."""
+        return await self.router.add_endpoint(
+            endpoint.name,
+            endpoint.url,
+            self.config_key(endpoint),
+            affinity=endpoint_affinity(endpoint),
+            pool=endpoint.pool,
+            replace=replace,
+            discover=discover,
+        )
+
     async def start_endpoints(self) -> None:
         """The config's and the stored endpoints, their models discovered later (in the
         background), so a stalled endpoint never holds up the start. A stored endpoint
         the security rules refuse now (its variable, its host) is left out, with a warning."""
         pools = {e.pool for e in self.config.endpoints if e.pool}
         for e in self.config.endpoints:
-            await self.router.add_endpoint(
-                e.name,
-                e.url,
-                self.config_key(e),
-                affinity=endpoint_affinity(e),
-                pool=e.pool,
-                discover=False,
-            )
+            await self._add_configured(e, discover=False)
         stored: list[StoredEndpoint] = []
         for row in await self.endpoints.all():
             if row.name in self.config_endpoints or row.name in pools:
@@ -134,17 +142,7 @@ class ModelCommands:
             != (old[name].url, old[name].resolved_key(), old[name].pool, old[name].affinity)
         ]
         outcomes = await asyncio.gather(
-            *(
-                self.router.add_endpoint(
-                    e.name,
-                    e.url,
-                    self.config_key(e),
-                    affinity=endpoint_affinity(e),
-                    pool=e.pool,
-                    replace=True,
-                )
-                for e in changed
-            ),
+            *(self._add_configured(e, replace=True) for e in changed),
             return_exceptions=True,
         )
         for e, outcome in zip(changed, outcomes, strict=True):

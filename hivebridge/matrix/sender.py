@@ -20,7 +20,13 @@ from mautrix.errors import (
     MLimitExceeded,
     MNotFound,
 )
-from mautrix.types import EventType, MessageType, PaginationDirection, TextMessageEventContent
+from mautrix.types import (
+    EventID,
+    EventType,
+    MessageType,
+    PaginationDirection,
+    TextMessageEventContent,
+)
 
 from .. import metrics
 from ..db.messages import MessageStore
@@ -202,6 +208,39 @@ class Sender:
         )
         return EventType.ROOM_ENCRYPTED, ciphertext
 
+    async def _deliver(
+        self,
+        intent: IntentAPI,
+        room_id: str,
+        build: Callable[[str, str | None], TextMessageEventContent],
+        text: str,
+        html: str | None,
+        *,
+        txn_id: str,
+        what: str = "send",
+    ) -> tuple[TextMessageEventContent, EventID]:
+        """Build, fit, seal and send one message; the content sent and its event id.
+
+        New messages and edits go out the same way, so both are kept under the size
+        limit as the room will carry them and both are encrypted where the room is.
+        """
+        encrypted = await self._encrypted(intent, room_id)
+        content = fitted(build, text, html, encrypted_bytes if encrypted else content_bytes)
+        event_type, payload = await self._seal(intent, room_id, content, encrypted)
+        event_id = await with_retries(
+            lambda: counted(
+                intent.send_message_event(
+                    room_id,  # type: ignore[arg-type]
+                    event_type,
+                    payload,
+                    txn_id=txn_id,
+                )
+            ),
+            retry_for_s=self.retry_for_s,
+            what=what,
+        )
+        return content, event_id
+
     async def typing(self, intent: IntentAPI, room_id: str, on: bool) -> None:
         try:
             await counted(intent.set_typing(room_id, timeout=30_000 if on else 0))  # type: ignore[arg-type]
@@ -231,20 +270,7 @@ class Sender:
                 content[key] = value
             return content
 
-        encrypted = await self._encrypted(intent, room_id)
-        content = fitted(build, text, html, encrypted_bytes if encrypted else content_bytes)
-        event_type, payload = await self._seal(intent, room_id, content, encrypted)
-        event_id = await with_retries(
-            lambda: counted(
-                intent.send_message_event(
-                    room_id,  # type: ignore[arg-type]
-                    event_type,
-                    payload,
-                    txn_id=txn_id,
-                )
-            ),
-            retry_for_s=self.retry_for_s,
-        )
+        content, event_id = await self._deliver(intent, room_id, build, text, html, txn_id=txn_id)
         if persona is not None and not notice:  # a persona's answer, not a notice
             metrics.MATRIX_REPLIES_SENT.labels(metrics.persona_label(persona)).inc()
         # A message is stored unhandled: when the homeserver echoes it back, intake
@@ -288,20 +314,8 @@ class Sender:
             content.set_edit(event_id)  # type: ignore[arg-type]
             return content
 
-        encrypted = await self._encrypted(intent, room_id)
-        content = fitted(build, text, html, encrypted_bytes if encrypted else content_bytes)
-        event_type, payload = await self._seal(intent, room_id, content, encrypted)
-        edit_id = await with_retries(
-            lambda: counted(
-                intent.send_message_event(
-                    room_id,  # type: ignore[arg-type]
-                    event_type,
-                    payload,
-                    txn_id=txn_id,
-                )
-            ),
-            retry_for_s=self.retry_for_s,
-            what="edit",
+        _, edit_id = await self._deliver(
+            intent, room_id, build, text, html, txn_id=txn_id, what="edit"
         )
         metrics.MATRIX_EDITS_SENT.labels(metrics.persona_label(persona)).inc()
         return str(edit_id)
