@@ -24,10 +24,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -379,19 +378,18 @@ class LocalModels:
 
     # --- use ------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def use(self, name: str, profile: str | None = None) -> AsyncIterator[LocalEngine]:
-        """The engine of ``name``, loaded if need be, held from eviction while in use."""
+    def use(self, name: str, profile: str | None = None) -> Hold:
+        """The engine of ``name``, loaded if need be, held from eviction while in use
+        (``async with models.use(name) as engine``)."""
+        return Hold(self, name, profile)
+
+    async def _hold(self, name: str, profile: str | None) -> tuple[Worker, LocalEngine]:
         engine = await self.load(name, profile)
         worker = self._workers.get((name, self.engine_profile(profile)))
         if worker is None or worker.engine is not engine:
             raise BackendUnavailable(f"local model {name} was unloaded")
         worker.in_use += 1
-        try:
-            yield engine
-        finally:
-            worker.in_use -= 1
-            worker.last_used = time.monotonic()
+        return worker, engine
 
     def backend(self, name: str, profile: str | None = None) -> ManagedModel:
         """The :class:`Backend` for ``name`` (one per model and engine profile), loading it
@@ -467,6 +465,29 @@ class ManagedModel:
         if self.models.file(self.model) is None:
             raise BackendUnavailable(f"no local model {self.model!r}")
         return ManagedGeneration(self, messages, params, session)
+
+
+class Hold:
+    """A loaded engine held from eviction for the length of an ``async with``.
+
+    A class, not an async generator: at shutdown asyncio closes every live async
+    generator in no fixed order, and a generator-based hold closed before the reply
+    streaming inside it made that reply's close fail ("generator didn't stop after
+    athrow()")."""
+
+    def __init__(self, models: LocalModels, name: str, profile: str | None) -> None:
+        self._models, self._name, self._profile = models, name, profile
+        self._worker: Worker | None = None
+
+    async def __aenter__(self) -> LocalEngine:
+        self._worker, engine = await self._models._hold(self._name, self._profile)
+        return engine
+
+    async def __aexit__(self, *exc: object) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.in_use -= 1
+            worker.last_used = time.monotonic()
 
 
 class ManagedGeneration(StreamingGeneration):
