@@ -37,3 +37,16 @@ def test_prefill_steps_are_ignored() -> None:
     for _ in range(50):
         tuner.record(256, 1.0)
     assert tuner.switches == 0
+
+
+def test_prefill_steps_keep_the_configured_threads_while_decode_runs_on_one() -> None:
+    applied: list[tuple[int, int]] = []
+    tuner = ThreadTuner(lambda t, tb: applied.append((t, tb)), 2, 2, window=4, explore_every=3)
+    drive(tuner, {2: 0.040, 1: 0.015}, 200)  # contention: decode settles on 1 thread
+    assert tuner.chosen_threads == 1 and tuner.threads == 1
+    applied.clear()
+    tuner.before(256)  # a prompt chunk: both cores
+    tuner.before(300)  # still prefill: nothing to change
+    tuner.before(4)  # back to decoding: the tuned choice
+    tuner.before(4)
+    assert applied == [(2, 2), (1, 1)]

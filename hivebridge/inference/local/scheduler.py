@@ -244,6 +244,8 @@ class Scheduler:
             forced = self.decode_hook([u[0].seq.id for u in units if u[0].seq is not None])
             if forced is not None:
                 return forced
+        if self.tuner is not None:
+            self.tuner.before(int(self._batch.n_tokens))
         t0 = time.perf_counter()
         rc = int(L.llama_decode(self.model.ctx, self._batch))
         if self.tuner is not None and rc == 0:

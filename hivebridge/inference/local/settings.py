@@ -61,7 +61,8 @@ class EngineSettings:
     n_gpu_layers: int = 0
     """Layers offloaded to a GPU (-1 = all); a CPU-only llama.cpp build offloads none."""
     adaptive_threads: bool = True
-    """Drop to 1 thread while another process competes for the cores (see threads.py)."""
+    """Decode on 1 thread while another process competes for the cores (see threads.py);
+    prompt chunks keep ``threads_batch``."""
     prefill_chunk: int = 256
     """Prompt tokens evaluated per scheduler step, so running streams never stall long."""
     max_seq_tokens: int = 4096

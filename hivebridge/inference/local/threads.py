@@ -6,6 +6,11 @@ another process takes a core, a 2-thread decode collapses (measured: ~97 to
 decode-only steps in short windows and now and then tries the other setting
 for one window, keeping whichever costs less per token. Probes start early
 and back off (2 -> 12 windows) while the current setting keeps winning.
+
+Only decode-sized steps are tuned. A step that carries a prompt chunk (more than
+``max_decode_tokens`` tokens) always runs on the configured threads: its ops are
+long enough that a second thread on a contended core still adds work done,
+rather than spinning at every op boundary as it does for a few-token step.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ class ThreadTuner:
         max_decode_tokens: int = 64,
     ) -> None:
         self._apply = apply
-        self.options: list[tuple[int, int]] = [(threads, threads_batch)]
+        self.full = (threads, threads_batch)
+        self._applied = self.full
+        self.options: list[tuple[int, int]] = [self.full]
         if threads > 1 or threads_batch > 1:
             self.options.append((1, 1))
         self.current = 0
@@ -54,6 +61,14 @@ class ThreadTuner:
         """The setting the tuner has settled on (ignoring a running probe)."""
         index = 1 - self.current if self._probing else self.current
         return self.options[index][0]
+
+    def before(self, n_tokens: int) -> None:
+        """Set the threads for a step of ``n_tokens``: the tuned choice for a decode
+        step, the configured ones for a prefill step."""
+        wanted = self.full if n_tokens > self.max_decode_tokens else self.options[self.current]
+        if wanted != self._applied:
+            self._applied = wanted
+            self._apply(*wanted)
 
     def record(self, n_tokens: int, seconds: float) -> None:
         """Feed one llama_decode timing (prefill-heavy steps are ignored).
@@ -96,4 +111,6 @@ class ThreadTuner:
         if index != self.current:
             self.current = index
             self.switches += 1
-            self._apply(*self.options[index])
+            if self.options[index] != self._applied:
+                self._applied = self.options[index]
+                self._apply(*self._applied)
