@@ -37,6 +37,7 @@ from hivebridge.inference.local import EngineSettings, LocalEngine
 from hivebridge.inference.types import ChatMessage, SamplingParams, collect
 
 LEVELS = (1, 4, 8)
+SERVER_ARGS = {"parallel": 8, "n_ctx": 16384}
 TURNS = 4  # override with --turns
 MAX_TOKENS = 64
 PERSONAS = [
@@ -196,15 +197,15 @@ async def measure(
     threads = EngineSettings().resolved_threads()[0]
     results: dict[str, dict[str, float]] = {side: {} for side in sides}
     load: list[float] = []
-    server = ls.start(binary, model_path(), parallel=8, n_ctx=16384, threads=threads)
-    try:
-        for level in levels:
+    for level in levels:
+        # A fresh server per level, as each level gets a fresh engine: rooms 0..3 of
+        # level 8 ask what they asked at level 4, and a server kept from there would
+        # answer them from its prompt cache.
+        with ls.running(binary, model_path(), **SERVER_ARGS, threads=threads) as server:
             rates = await run_level(level, threads, server.url, sides, engine_overrides)
-            for side, rate in rates.items():
-                results[side][str(level)] = round(rate, 2)
-            load.append(round(os.getloadavg()[0], 2))
-    finally:
-        server.stop()
+        for side, rate in rates.items():
+            results[side][str(level)] = round(rate, 2)
+        load.append(round(os.getloadavg()[0], 2))
     meta = {
         "threads": threads,
         "engine_llama_cpp": llama_cpp_build(),
