@@ -806,6 +806,7 @@ class ApiNode:
                 memory_budget=self.config.inference.local.memory_budget_bytes,
                 profiles=worker_profiles(self.config),
                 unload_grace_s=self.config.inference.local.unload_grace_s,
+                busy_wait_s=self.config.inference.local.busy_wait_s,
                 hooks=model_hooks(),
             )
             self._stack.push_async_callback(models.close)

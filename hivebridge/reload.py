@@ -27,7 +27,8 @@ from .config import Config, ConfigError, load_config
 log = logging.getLogger("hivebridge.reload")
 
 #: Settings a running bridge cannot change: listeners and ports, the database,
-#: tokens, the homeserver and our namespace, the loaded model and its KV sizing.
+#: tokens, the homeserver and our namespace, the loaded model and its KV sizing,
+#: the API server, the toolbox and the inference router (all built once at start).
 #: Dotted prefixes of config keys; a changed one keeps its running value.
 RESTART_ONLY: tuple[str, ...] = (
     "homeserver",
@@ -36,11 +37,15 @@ RESTART_ONLY: tuple[str, ...] = (
     "data_dir",
     "metrics",
     "admin_api",
+    "api",
     "encryption",
+    "tools",
     "inference.local",
     "inference.fallback_model",
     "inference.remote_deadline_s",
     "inference.discovery_deadline_s",
+    "inference.endpoint_routing",
+    "inference.session_salt",
 )
 
 #: Most keys one outcome line names before it says how many more.
