@@ -195,3 +195,21 @@ async def test_register_function_sync_and_async(source: str) -> None:
     write(Path(source), BASE + "logging: {level: DEBUG}\n")
     assert (await reloader.reload()).applied
     assert seen == ["sync", "async"]
+
+
+async def test_parts_built_once_at_start_need_a_restart(source: str) -> None:
+    """The API server, the toolbox and the inference router read their settings once:
+    a reload must not claim to have applied a change to them."""
+    running = load_config(source, env={})
+    reloader = ConfigReloader(running, load=lambda p: load_config(p, env={}))
+    write(
+        Path(source),
+        BASE + "inference: {endpoint_routing: round_robin, session_salt: sixteen-chars-salt}\n",
+    )
+    outcome = await reloader.reload()
+    assert outcome.changed == ()
+    assert set(outcome.restart_needed) == {
+        "inference.endpoint_routing",
+        "inference.session_salt",
+    }
+    assert reloader.current.inference.session_salt == running.inference.session_salt
