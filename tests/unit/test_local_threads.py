@@ -6,7 +6,8 @@ from hivebridge.inference.local.threads import ThreadTuner
 
 
 def drive(tuner: ThreadTuner, cost: dict[int, float], steps: int) -> None:
-    for _ in range(steps):
+    for _ in range(steps):  # as the scheduler steps: set the threads, decode, record
+        tuner.before(4)
         tuner.record(4, 4 * cost[tuner.threads])
 
 
@@ -44,6 +45,7 @@ def test_prefill_steps_keep_the_configured_threads_while_decode_runs_on_one() ->
     tuner = ThreadTuner(lambda t, tb: applied.append((t, tb)), 2, 2, window=4, explore_every=3)
     drive(tuner, {2: 0.040, 1: 0.015}, 200)  # contention: decode settles on 1 thread
     assert tuner.chosen_threads == 1 and tuner.threads == 1
+    tuner.before(4)  # a decode step on the tuned setting
     applied.clear()
     tuner.before(256)  # a prompt chunk: both cores
     tuner.before(300)  # still prefill: nothing to change

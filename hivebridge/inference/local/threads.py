@@ -108,9 +108,6 @@ class ThreadTuner:
             self._set(1 - self.current)
 
     def _set(self, index: int) -> None:
-        if index != self.current:
+        if index != self.current:  # applied by the next decode step's before()
             self.current = index
             self.switches += 1
-            if self.options[index] != self._applied:
-                self._applied = self.options[index]
-                self._apply(*self._applied)
