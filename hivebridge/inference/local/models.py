@@ -391,6 +391,10 @@ class LocalModels:
         worker.in_use += 1
         return worker, engine
 
+    def _release(self, worker: Worker) -> None:
+        worker.in_use -= 1
+        worker.last_used = time.monotonic()
+
     def backend(self, name: str, profile: str | None = None) -> ManagedModel:
         """The :class:`Backend` for ``name`` (one per model and engine profile), loading it
         on first use."""
@@ -486,8 +490,7 @@ class Hold:
     async def __aexit__(self, *exc: object) -> None:
         worker, self._worker = self._worker, None
         if worker is not None:
-            worker.in_use -= 1
-            worker.last_used = time.monotonic()
+            self._models._release(worker)
 
 
 class ManagedGeneration(StreamingGeneration):
