@@ -52,3 +52,33 @@ def test_prefill_steps_keep_the_configured_threads_while_decode_runs_on_one() ->
     tuner.before(4)  # back to decoding: the tuned choice
     tuner.before(4)
     assert applied == [(2, 2), (1, 1)]
+
+
+def test_never_probes_on_a_calm_box() -> None:
+    # A one-thread probe is pure loss when no other process wants the cores.
+    tuner = ThreadTuner(lambda t, tb: None, 2, 2, window=4, explore_every=3, contention=lambda: 0.0)
+    drive(tuner, {2: 0.010, 1: 0.017}, 400)
+    assert tuner.switches == 0
+
+
+def test_probes_once_another_process_takes_a_core_and_comes_back_when_it_leaves() -> None:
+    others = [0.0]
+    tuner = ThreadTuner(
+        lambda t, tb: None, 2, 2, window=4, explore_every=3, contention=lambda: others[0]
+    )
+    drive(tuner, {2: 0.010, 1: 0.017}, 100)
+    assert tuner.switches == 0
+    others[0] = 1.0  # a busy loop on one core: two decode threads spin-wait
+    drive(tuner, {2: 0.040, 1: 0.015}, 4 * 4)  # four windows: two to notice, one probe
+    assert tuner.chosen_threads == 1
+    others[0] = 0.0
+    drive(tuner, {2: 0.010, 1: 0.017}, 200)
+    assert tuner.chosen_threads == 2
+
+
+def test_without_counters_it_probes_as_before() -> None:
+    tuner = ThreadTuner(
+        lambda t, tb: None, 2, 2, window=4, explore_every=3, contention=lambda: None
+    )
+    drive(tuner, {2: 0.010, 1: 0.017}, 400)
+    assert tuner.switches > 0 and tuner.chosen_threads == 2

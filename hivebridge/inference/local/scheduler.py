@@ -20,6 +20,7 @@ import llama_cpp as L
 from hivebridge.inference.types import BackendUnavailable, FinishReason, InferenceError
 
 from .admission import Admission
+from .core_use import CoreUse
 from .model import LoadedModel
 from .request import Phase, Request, Update
 from .sampler import ResolvedSampling
@@ -56,7 +57,8 @@ class Scheduler:
         self.decode_hook: DecodeHook | None = None  # tests: simulate llama_decode failures
         threads, threads_batch = settings.resolved_threads()
         self.tuner = ThreadTuner(
-            lambda t, tb: L.llama_set_n_threads(model.ctx, t, tb), threads, threads_batch
+            lambda t, tb: L.llama_set_n_threads(model.ctx, t, tb), threads, threads_batch,
+            contention=CoreUse().others,
         ) if settings.adaptive_threads else None  # fmt: skip
         self.counters = {
             "steps": 0, "decode_failures": 0, "evictions": 0, "restores": 0, "swaps": 0,

@@ -7,6 +7,11 @@ decode-only steps in short windows and now and then tries the other setting
 for one window, keeping whichever costs less per token. Probes start early
 and back off (2 -> 12 windows) while the current setting keeps winning.
 
+A probe of one thread costs ~1.7x per token for its window, so on a calm box
+it is pure loss: where the box's counters tell (``core_use.CoreUse``), the
+tuner stays on all cores without probing while other processes use less than
+``busy_cores`` of them, and starts probing two windows after they use more.
+
 Only decode-sized steps are tuned. A step that carries a prompt chunk (more than
 ``max_decode_tokens`` tokens) always runs on the configured threads: its ops are
 long enough that a second thread on a contended core still adds work done,
@@ -29,8 +34,12 @@ class ThreadTuner:
         explore_every: int = 12,
         first_explore: int = 2,
         max_decode_tokens: int = 64,
+        contention: Callable[[], float | None] | None = None,
+        busy_cores: float = 0.25,
     ) -> None:
         self._apply = apply
+        self._contention = contention
+        self.busy_cores = busy_cores
         self.full = (threads, threads_batch)
         self._applied = self.full
         self.options: list[tuple[int, int]] = [self.full]
@@ -92,6 +101,7 @@ class ThreadTuner:
             return
         cost = self._time / max(1, self._tokens)
         self._time, self._tokens, self._steps = 0.0, 0, 0
+        others = self._contention() if self._contention is not None else None
         if self._probing:
             self._probing = False
             self._since_probe = 0
@@ -102,6 +112,10 @@ class ThreadTuner:
                 self._interval = self._first  # conditions changed: check again soon
             return
         self._baseline = cost
+        if self.current == 0 and others is not None and others < self.busy_cores:
+            self._since_probe = 0  # all cores and nobody else wants them: nothing to try
+            self._interval = self._first
+            return
         self._since_probe += 1
         if self._since_probe >= self._interval:
             self._probing = True
