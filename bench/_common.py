@@ -77,9 +77,11 @@ def llama_cpp_build() -> str:
         ggml = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
         ggml.ggml_version.restype = ctypes.c_char_p
         ggml.ggml_commit.restype = ctypes.c_char_p
+        info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+        patched = ", llamafile: all rows, Q4_1 (patches/)" if "LLAMAFILE_ALL_ROWS" in info else ""
         return (
             f"llama-cpp-python {llama_cpp.__version__}, llama.cpp "
-            f"{ggml.ggml_commit().decode()} (ggml {ggml.ggml_version().decode()})"
+            f"{ggml.ggml_commit().decode()} (ggml {ggml.ggml_version().decode()}){patched}"
         )
     except (OSError, AttributeError):
         return f"llama-cpp-python {llama_cpp.__version__}"

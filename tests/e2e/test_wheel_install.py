@@ -19,6 +19,7 @@ is compiled here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -61,7 +62,9 @@ INSTALL_TIMEOUT_S = 600
 def llama_wheels() -> Path:
     """Where ``make`` keeps the llama-cpp-python wheel it built (Makefile: LLAMA_WHEELS)."""
     version = importlib.metadata.version("llama-cpp-python")
-    default = Path.home() / f".cache/hivebridge/wheels/llama-cpp-python-{version}-nollamafile"
+    patch = ROOT / "patches" / f"llama-cpp-python-{version}-batch-invariant.patch"
+    build = hashlib.sha256(patch.read_bytes()).hexdigest()[:12]
+    default = Path.home() / f".cache/hivebridge/wheels/llama-cpp-python-{version}-{build}"
     return Path(os.environ.get("HIVEBRIDGE_LLAMA_WHEELS", default))
 
 

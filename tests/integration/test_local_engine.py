@@ -119,7 +119,7 @@ async def assert_same_greedy(
 
 async def test_cached_conversation_equals_fresh_evaluation(engine: LocalEngine) -> None:
     state = await engine.inspect()
-    assert state["batch_invariant"], "llama.cpp has llamafile kernels: build it with `make`"
+    assert state["batch_invariant"], "llama.cpp has stock llamafile kernels: build it with `make`"
     msgs = [PERSONA, ChatMessage("user", "What do you eat for breakfast?")]
     for question in ("Where is your ship sailing next?", "Tell me about your crew."):
         reply, _ = await run(engine, msgs, session="!room:hs|@mira:hs")

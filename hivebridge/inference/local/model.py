@@ -113,16 +113,19 @@ class LoadedModel:
             self.model = None
 
 
-def llamafile_kernels() -> bool:
-    """Whether llama.cpp was built with llamafile's GEMM kernels.
+def row_dependent_kernels(system_info: str | None = None) -> bool:
+    """Whether llama.cpp's CPU kernels sum a product in an order that depends on its rows.
 
-    They handle batches of two or more rows and sum in another order than the
-    one-row kernels, so a token's logits depend on how many rows share its
-    batch: a decoded reply token and the same token re-read as prompt differ
-    by float noise, enough to flip a greedy near-tie. hivebridge's Makefile
-    builds without them.
+    Stock llamafile GEMM kernels take only products of two or more rows, so a
+    decoded reply token and the same token re-read in a prompt are summed in
+    different orders and differ by float noise, enough to flip a greedy
+    near-tie. The Makefile's build patches them to take one-row products too
+    (``LLAMAFILE_ALL_ROWS``; patches/); a build without llamafile has none.
     """
-    return "LLAMAFILE = 1" in L.llama_print_system_info().decode("utf-8", "replace")
+    info = system_info
+    if info is None:
+        info = L.llama_print_system_info().decode("utf-8", "replace")
+    return "LLAMAFILE = 1" in info and "LLAMAFILE_ALL_ROWS = 1" not in info
 
 
 def offloaded_layers(requested: int, n_layer: int) -> int:
@@ -206,7 +209,7 @@ def load_model(path: Path, settings: EngineSettings) -> LoadedModel:
         for why, on in (
             ("flash attention", settings.flash_attn),
             ("unified KV", bool(cparams.kv_unified)),
-            ("llama.cpp built with llamafile kernels", llamafile_kernels()),
+            ("llama.cpp built with stock llamafile kernels", row_dependent_kernels()),
         )
         if on
     ]
