@@ -402,6 +402,18 @@ async def test_unload_during_request_ends_cleanly() -> None:
         eng.generate([ChatMessage("user", "hi")], GREEDY)
 
 
+async def test_stop_with_a_drain_returns_once_the_running_request_finishes() -> None:
+    # The request ends inside the drain period: the engine thread must notice that it
+    # has nothing left and stop, not wait for a command that never comes.
+    eng = await started(settings())
+    gen = eng.generate([ChatMessage("user", "Tell a tale.")], GREEDY.with_(max_tokens=16))
+    first = await asyncio.wait_for(gen.__anext__(), 30)
+    stopper = asyncio.create_task(eng.stop(drain_timeout=60))
+    rest = await asyncio.wait_for(collect(gen), 30)
+    assert gen.stats.finish_reason == "length" and (first + rest)
+    await asyncio.wait_for(stopper, 20)  # before the fix the thread waited for good
+
+
 async def test_failed_decode_fails_only_its_request(engine: LocalEngine) -> None:
     a = engine.generate([ChatMessage("user", "Say something nice.")], GREEDY, session="good")
     b = engine.generate([ChatMessage("user", "Say something else.")], GREEDY, session="bad")

@@ -572,8 +572,11 @@ class LocalEngine:
         prof["loop_s"] = prof["turns_wait_s"] = 0.0
         while True:
             busy = sched.has_work()
+            # While draining, never block: the drain ends when the work does, and no
+            # command may ever come to wake the thread.
+            block = not busy and drain_until is None
             try:
-                cmd = self._commands.get(block=not busy, timeout=None if not busy else 0)
+                cmd = self._commands.get(block=block, timeout=None if block else 0)
             except queue.Empty:
                 cmd = None
             t_iter = time.perf_counter()
